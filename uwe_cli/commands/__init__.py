@@ -1,0 +1,1 @@
+"""One module per command; each exposes a plain function that `uwe_cli.cli` registers on the Typer app."""

@@ -1,0 +1,25 @@
+"""Typed errors. Every `UweError` is a user-facing problem: the CLI prints its message on one line, exits 2."""
+
+
+class UweError(Exception):
+    """Bad input or an impossible request; the message names the culprit and, where possible, the fix."""
+
+
+class PoolError(UweError):
+    """A pool file is missing, unreadable or does not follow the schema."""
+
+
+class SelectionError(UweError):
+    """The selection request cannot be met (budget, labeled/exclude files, strategy needs)."""
+
+
+class ModelError(UweError):
+    """A model name, factory, checkpoint or layer that cannot be used."""
+
+
+class DataError(UweError):
+    """An image source (folder, manifest, image file) that cannot be used."""
+
+
+class ResourceError(UweError):
+    """The job would not fit in memory, or asks for a device that is not there."""
