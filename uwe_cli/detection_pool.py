@@ -1,0 +1,287 @@
+"""Detection pools (DESIGN.md): one row per detected box, plus a null-`label` row per empty image.
+
+Reading keeps boxes, not images: box features stream into one preallocated float32 matrix (sized
+by a cheap first pass over the `label` column), so the dense K×d image embedding never exists.
+Image IDs are numbered in order of first appearance, which is the "pool order" selection ties use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from uwe_cli.errors import PoolError
+from uwe_cli.pool import (
+    READ_BATCH_ROWS,
+    _check_feature_type,
+    feature_dim_of,
+    list_to_matrix,
+    open_parquet,
+    pool_files,
+    read_metadata,
+    resolve_uncertainty_column,
+)
+
+DEFAULT_DETECTION_UNCERTAINTY = "bvsb"  # the paper's choice for boxes (Section 3.4, Eq. 8)
+REQUIRED_COLUMNS = ("id", "label", "feature")
+
+
+@dataclass
+class DetectionPool:
+    """A loaded detection pool: per-image IDs plus flat per-box arrays (rows with a non-null label)."""
+
+    image_ids: pa.Array  # string, one per image, first-appearance order
+    box_image: np.ndarray  # int64 (n_boxes,): index into image_ids
+    box_label: np.ndarray  # int32 (n_boxes,)
+    box_uncertainty: np.ndarray  # float64 (n_boxes,), raw (not normalised)
+    box_features: np.ndarray  # float32 (n_boxes, d), C-contiguous
+    box_row: np.ndarray  # int64 (n_boxes,): global row number over the pool's files (error messages)
+    num_classes: int
+    uncertainty_column: str
+    box_score: np.ndarray | None = None  # float32 (n_boxes,)
+    box_coords: np.ndarray | None = None  # float32 (n_boxes, 4): x1, y1, x2, y2
+    sources: pa.Array | None = None  # per image: `source` of its first row
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_boxes(self) -> int:
+        return len(self.box_label)
+
+    @property
+    def dim(self) -> int:
+        return int(self.box_features.shape[1])
+
+    @property
+    def task(self) -> str:
+        return "detection"
+
+
+def is_detection_pool(paths: list[str | Path] | str | Path) -> bool:
+    """True when the first pool file says `task: detection` or has a `label` column (schema only)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    first = pool_files(paths[0])[0]
+    schema = open_parquet(first).schema_arrow
+    return read_metadata(schema).get("task") == "detection" or "label" in schema.names
+
+
+def _first_index(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _metadata_num_classes(path: Path, meta: dict[str, Any]) -> int | None:
+    k = meta.get("num_classes")
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise PoolError(f"{path}: metadata 'num_classes' must be a positive integer, found {k!r}")
+    return k
+
+
+def read_detection_pool(
+    paths: list[str | Path] | str | Path,
+    uncertainty: str | None = None,
+) -> DetectionPool:
+    """Load and validate a detection pool from Parquet files or directories of parts.
+
+    `uncertainty` names the per-box uncertainty column (default `bvsb`, as in the paper). Raises a
+    one-line PoolError naming the file, column and image ID of the first problem found.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files = [f for p in paths for f in pool_files(p)]
+    if len({f.resolve() for f in files}) != len(files):
+        raise PoolError("the same pool file is given twice")
+    parquet = [open_parquet(f) for f in files]
+
+    requested = uncertainty if uncertainty not in (None, "", "auto") else None
+    unc_col: str | None = None
+    dim: int | None = None
+    num_classes: int | None = None
+    meta: dict[str, Any] = {}
+    optional: list[str] | None = None
+    for f, pf in zip(files, parquet, strict=True):
+        schema = pf.schema_arrow
+        names = schema.names
+        for col in REQUIRED_COLUMNS:
+            if col not in names:
+                raise PoolError(f"{f}: detection pool has no '{col}' column (columns: {', '.join(names)})")
+        id_type = schema.field("id").type
+        if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+            raise PoolError(f"{f}: column 'id' must be a string, found {id_type}")
+        if not pa.types.is_integer(schema.field("label").type):
+            raise PoolError(f"{f}: column 'label' must be an integer, found {schema.field('label').type}")
+        _check_feature_type(f, schema.field("feature").type)
+        if requested is None and DEFAULT_DETECTION_UNCERTAINTY not in names:
+            raise PoolError(
+                f"{f}: no '{DEFAULT_DETECTION_UNCERTAINTY}' column (the default for detection); "
+                "name the uncertainty column with --uncertainty"
+            )
+        col = resolve_uncertainty_column(names, unc_col or requested or DEFAULT_DETECTION_UNCERTAINTY, str(f))
+        unc_type = schema.field(col).type
+        if not (pa.types.is_floating(unc_type) or pa.types.is_integer(unc_type)):
+            raise PoolError(f"{f}: uncertainty column '{col}' is not numeric ({unc_type})")
+        unc_col = col
+        this_meta = read_metadata(schema)
+        k = _metadata_num_classes(f, this_meta)
+        if k is not None:
+            if num_classes is not None and k != num_classes:
+                raise PoolError(f"{f}: metadata num_classes {k} differs from {num_classes} in {files[0]}")
+            num_classes = k
+        meta = meta or this_meta
+        fdim = feature_dim_of(schema.field("feature").type)
+        if fdim is not None:
+            if dim is not None and fdim != dim:
+                raise PoolError(f"{f}: feature length {fdim} differs from {dim} in {files[0]}")
+            dim = fdim
+        present = [c for c in ("score", "box", "source") if c in names]
+        optional = present if optional is None else [c for c in optional if c in present]
+    assert unc_col is not None
+
+    # Pass 1 (label column only): the number of boxes, so features go into one exact allocation.
+    total_rows = sum(pf.metadata.num_rows for pf in parquet)
+    if total_rows == 0:
+        raise PoolError(f"pool is empty: {', '.join(map(str, paths))}")
+    n_boxes = 0
+    for pf in parquet:
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=["label"]):
+            n_boxes += len(batch) - batch.column(0).null_count
+
+    optional = optional or []
+    features: np.ndarray | None = None if dim is None else np.empty((n_boxes, dim), dtype=np.float32)
+    box_unc = np.empty(n_boxes, dtype=np.float64)
+    box_label = np.empty(n_boxes, dtype=np.int32)
+    box_row = np.empty(n_boxes, dtype=np.int64)
+    box_score = np.empty(n_boxes, dtype=np.float32) if "score" in optional else None
+    box_coords = np.empty((n_boxes, 4), dtype=np.float32) if "box" in optional else None
+    id_chunks: list[pa.Array] = []
+    source_chunks: list[pa.Array] = []
+    columns = ["id", "label", "feature", unc_col, *optional]
+
+    row = 0
+    b = 0  # boxes written so far
+    max_label = -1
+    for f, pf in zip(files, parquet, strict=True):
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            n = batch.num_rows
+            ids = batch.column("id")
+            if ids.null_count:
+                raise PoolError(
+                    f"{f}: null id in column 'id' (row {row + _first_index(np.asarray(ids.is_null()))})"
+                )
+            ids = ids.cast(pa.string())
+            id_chunks.append(ids)
+            if "source" in optional:
+                source_chunks.append(batch.column("source").cast(pa.string()))
+            is_box = np.asarray(batch.column("label").is_valid())
+            m = int(is_box.sum())
+            if m == 0:
+                row += n
+                continue
+            pos = np.flatnonzero(is_box)
+            boxes = batch.filter(pa.array(is_box))
+            box_ids = boxes.column("id")
+
+            def where(i: int, _f: Path = f, _ids: pa.Array = box_ids) -> str:
+                return f"{_f}: id '{_ids[i].as_py()}'"
+
+            feat_col = boxes.column("feature")
+            if feat_col.null_count:
+                i = _first_index(np.asarray(feat_col.is_null()))
+                raise PoolError(
+                    f"{where(i)} has a box (label {boxes.column('label')[i]}) with a null 'feature'"
+                )
+            mat = list_to_matrix(feat_col, "feature", str(f))
+            if dim is None:
+                dim = mat.shape[1]
+            if mat.shape[1] != dim:
+                raise PoolError(f"{f}: feature length {mat.shape[1]} differs from {dim}")
+            bad = ~np.isfinite(mat).all(axis=1)
+            if bad.any():
+                raise PoolError(f"{where(_first_index(bad))}: NaN or Inf in 'feature'")
+            if features is None:
+                features = np.empty((n_boxes, dim), dtype=np.float32)
+
+            unc = boxes.column(unc_col)
+            if unc.null_count:
+                raise PoolError(
+                    f"{where(_first_index(np.asarray(unc.is_null())))}: null '{unc_col}' on a box"
+                )
+            values = unc.to_numpy(zero_copy_only=False).astype(np.float64)
+            if not np.isfinite(values).all():
+                raise PoolError(f"{where(_first_index(~np.isfinite(values)))}: NaN or Inf in '{unc_col}'")
+            if (values < 0).any():
+                i = _first_index(values < 0)
+                raise PoolError(f"{where(i)}: negative '{unc_col}' ({values[i]})")
+
+            labels = boxes.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+            if (labels < 0).any():
+                i = _first_index(labels < 0)
+                raise PoolError(f"{where(i)}: negative 'label' ({labels[i]})")
+            if num_classes is not None and (labels >= num_classes).any():
+                i = _first_index(labels >= num_classes)
+                raise PoolError(
+                    f"{where(i)}: 'label' {labels[i]} outside [0, {num_classes}) (metadata num_classes)"
+                )
+            if labels.max() > np.iinfo(np.int32).max:
+                raise PoolError(f"{where(int(labels.argmax()))}: 'label' {labels.max()} too large")
+            max_label = max(max_label, int(labels.max()))
+
+            if box_score is not None:
+                score = boxes.column("score")
+                box_score[b : b + m] = score.fill_null(np.nan).to_numpy(zero_copy_only=False)
+            if box_coords is not None:
+                coords = boxes.column("box")
+                if coords.null_count:
+                    box_coords[b : b + m] = np.nan
+                    valid = np.asarray(coords.is_valid())
+                    coords = coords.filter(pa.array(valid))
+                    box_coords[b : b + m][valid] = list_to_matrix(coords, "box", str(f))
+                else:
+                    box_coords[b : b + m] = list_to_matrix(coords, "box", str(f))
+
+            features[b : b + m] = mat
+            box_unc[b : b + m] = values
+            box_label[b : b + m] = labels
+            box_row[b : b + m] = row + pos
+            b += m
+            row += n
+    assert b == n_boxes
+    if features is None:
+        features = np.empty((0, dim or 0), dtype=np.float32)
+
+    all_ids = pa.concat_arrays(id_chunks) if len(id_chunks) > 1 else id_chunks[0]
+    encoded = pc.dictionary_encode(all_ids)  # indices follow first appearance
+    row_image = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    image_ids = encoded.dictionary
+    sources = None
+    if source_chunks:
+        all_sources = pa.concat_arrays(source_chunks) if len(source_chunks) > 1 else source_chunks[0]
+        _, first_row = np.unique(row_image, return_index=True)
+        sources = all_sources.take(pa.array(first_row))
+
+    return DetectionPool(
+        image_ids=image_ids,
+        box_image=row_image[box_row],
+        box_label=box_label,
+        box_uncertainty=box_unc,
+        box_features=features,
+        box_row=box_row,
+        num_classes=num_classes if num_classes is not None else max_label + 1,
+        uncertainty_column=unc_col,
+        box_score=box_score,
+        box_coords=box_coords,
+        sources=sources,
+        metadata=meta,
+        files=files,
+    )

@@ -1,0 +1,456 @@
+"""Class-wise UWE for detection pools (paper Eq. 9, Appendix A.2) and exact K-Center-Greedy on it.
+
+An image embeds as the concatenation over K classes of one d-vector per class, zero for absent
+classes. With ≤ a few boxes per image that K×d vector is almost all zeros (100,000 × 80 × 1,024
+would be 33 GB in float32), so it is kept block-sparse: per image, CSR offsets into a list of
+(class, block) pairs. A block is either `scale · feature_row` (one box: the max box, or a class
+with a single box under `mean`), which reuses the pool's float32 box features without a copy, or a
+row of a float64 matrix of class means. Distances touch only the classes present in either image
+and are summed in float64 from direct differences, so they match a dense float64 computation to
+rounding, and the greedy picks match it exactly.
+
+KCG follows Algorithm 1. Each candidate remembers its nearest centre; a new centre c can only
+improve candidate i if |‖c‖ − ‖i‖| < D(i) and ‖c − centre(i)‖ < 2·D(i) (triangle inequality), so
+most distances are never computed. Both tests carry a safety margin far above float64 rounding,
+hence pruning never changes D, and the result is the brute-force result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from uwe_cli.detection_pool import DetectionPool
+from uwe_cli.errors import SelectionError
+
+AGGREGATES = ("max", "mean")
+NORMALIZATIONS = ("minmax", "none")
+SRC_FEATURE = 0  # block = scale * box_features[row]
+SRC_MEAN = 1  # block = means[row]
+
+# Pruning skips a centre only if its lower bound beats D(i) by this relative margin plus an
+# absolute margin scaled by the norms involved: float64 sums of ≤ K·d terms err by ~1e-13 of that.
+_REL_MARGIN = 1e-9
+_ABS_MARGIN = 1e-11
+
+
+@dataclass
+class ClasswiseEmbedding:
+    """Block-sparse class-wise image embeddings (CSR over images; blocks sorted by class per image)."""
+
+    num_images: int
+    num_classes: int
+    dim: int
+    offsets: np.ndarray  # int64 (n+1,): blocks of image i are offsets[i]:offsets[i+1]
+    block_class: np.ndarray  # int32 (n_blocks,)
+    block_src: np.ndarray  # int8 (n_blocks,): SRC_FEATURE or SRC_MEAN
+    block_row: np.ndarray  # int64 (n_blocks,): row of `features` or `means`
+    block_scale: np.ndarray  # float64 (n_blocks,): u^tau for SRC_FEATURE blocks, 1 otherwise
+    block_norm2: np.ndarray  # float64 (n_blocks,): squared norm of the block
+    image_norm2: np.ndarray  # float64 (n,): squared norm of the image embedding
+    features: np.ndarray  # float32 (n_boxes, d): the pool's box features (shared, not copied)
+    means: np.ndarray  # float64 (n_mean_blocks, d)
+    in_play: np.ndarray  # bool (n,): images whose embedding was built
+    image_uncertainty: np.ndarray  # float64 (n,): max normalised box u; 0 without boxes; NaN out of play
+    tau: float
+    normalize: str
+    aggregate: str
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_class)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the embedding itself (the shared box features excluded)."""
+        arrays = (self.offsets, self.block_class, self.block_src, self.block_row, self.block_scale)
+        arrays += (self.block_norm2, self.image_norm2, self.means, self.in_play, self.image_uncertainty)
+        return sum(a.nbytes for a in arrays)
+
+
+def normalized_box_uncertainty(u: np.ndarray, normalize: str) -> np.ndarray:
+    """Min–max normalise over the given boxes (all 1 when max == min), or pass through for `none`."""
+    u = np.asarray(u, dtype=np.float64)
+    if normalize == "none" or len(u) == 0:
+        return u.copy()
+    lo, hi = float(u.min()), float(u.max())
+    if hi == lo:
+        return np.ones_like(u)
+    return (u - lo) / (hi - lo)
+
+
+def _check_options(tau: float, normalize: str, aggregate: str) -> None:
+    if aggregate not in AGGREGATES:
+        raise SelectionError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not '{aggregate}'")
+    if normalize not in NORMALIZATIONS:
+        raise SelectionError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, not '{normalize}'")
+    if not math.isfinite(tau) or tau < 0:
+        raise SelectionError(f"--tau must be a finite number >= 0, not {tau}")
+
+
+@njit(parallel=True, cache=True)
+def _mean_blocks(features, box_order, box_scale, group_start, group_stop, out):  # pragma: no cover
+    """out[g] = mean over boxes box_order[group_start[g]:group_stop[g]] of scale·feature (row order)."""
+    d = features.shape[1]
+    for g in prange(len(group_start)):
+        acc = out[g]
+        for k in range(d):
+            acc[k] = 0.0
+        for j in range(group_start[g], group_stop[g]):
+            r = box_order[j]
+            s = box_scale[r]
+            f = features[r]
+            for k in range(d):
+                acc[k] += s * f[k]
+        count = group_stop[g] - group_start[g]
+        for k in range(d):
+            acc[k] = acc[k] / count
+
+
+@njit(parallel=True, cache=True)
+def _block_norm2(features, means, block_src, block_row, block_scale, out):  # pragma: no cover
+    d = features.shape[1]
+    for b in prange(len(block_src)):
+        acc = 0.0
+        r = block_row[b]
+        if block_src[b] == 0:
+            s = block_scale[b]
+            f = features[r]
+            for k in range(d):
+                v = s * f[k]
+                acc += v * v
+        else:
+            m = means[r]
+            for k in range(d):
+                acc += m[k] * m[k]
+        out[b] = acc
+
+
+def build_classwise(
+    pool: DetectionPool,
+    in_play: np.ndarray | None = None,
+    tau: float = 1.0,
+    normalize: str = "minmax",
+    aggregate: str = "max",
+) -> ClasswiseEmbedding:
+    """Image embeddings u^tau·f aggregated per class, for the images in play (labeled + candidates).
+
+    u is normalised over all boxes of the images in play, so it must be known before aggregating.
+    `max` keeps per (image, class) the box of largest normalised u (ties: the earlier row); `mean`
+    averages the boxes' embeddings. Images without boxes, and images out of play, have no blocks.
+    """
+    _check_options(tau, normalize, aggregate)
+    n = pool.num_images
+    in_play = np.ones(n, dtype=bool) if in_play is None else np.asarray(in_play, dtype=bool)
+    if in_play.shape != (n,):
+        raise SelectionError(f"in_play mask has shape {in_play.shape}, expected ({n},)")
+
+    boxes = np.flatnonzero(in_play[pool.box_image])  # in row order
+    u_norm = normalized_box_uncertainty(pool.box_uncertainty[boxes], normalize)
+    scale = np.power(u_norm, float(tau))  # 0**0 == 1: tau = 0 is CoreSet on features
+    image = pool.box_image[boxes]
+    label = pool.box_label[boxes].astype(np.int64)
+
+    image_uncertainty = np.where(in_play, 0.0, np.nan)
+    np.maximum.at(image_uncertainty, image, u_norm)
+
+    # Sort boxes by (image, class, -u, row): the first box of each group is the max box.
+    order = np.lexsort((boxes, -u_norm, label, image))
+    key = image[order] * max(pool.num_classes, 1) + label[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(order) else np.zeros(0, np.int64)
+    stop = np.append(first[1:], len(order)).astype(np.int64) if len(order) else first
+    counts = stop - first
+    block_image = image[order[first]]
+    block_class = label[order[first]].astype(np.int32)
+
+    d = pool.dim
+    block_src = np.zeros(len(first), dtype=np.int8)
+    block_row = boxes[order[first]].astype(np.int64)
+    block_scale = scale[order[first]].astype(np.float64)
+    means = np.zeros((0, d), dtype=np.float64)
+    if aggregate == "mean":
+        multi = np.flatnonzero(counts > 1)
+        if len(multi):
+            # Within a group the boxes must be summed in row order: re-sort by (group, row).
+            group_of = np.repeat(np.arange(len(first)), counts)
+            by_row = np.lexsort((boxes[order], group_of))
+            box_order = boxes[order][by_row].astype(np.int64)
+            full_scale = np.zeros(pool.num_boxes, dtype=np.float64)
+            full_scale[boxes] = scale
+            means = np.empty((len(multi), d), dtype=np.float64)
+            _mean_blocks(pool.box_features, box_order, full_scale, first[multi], stop[multi], means)
+            block_src[multi] = SRC_MEAN
+            block_row[multi] = np.arange(len(multi))
+            block_scale[multi] = 1.0
+
+    block_norm2 = np.empty(len(first), dtype=np.float64)
+    _block_norm2(pool.box_features, means, block_src, block_row, block_scale, block_norm2)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(block_image, minlength=n), out=offsets[1:])
+    image_norm2 = np.zeros(n, dtype=np.float64)
+    np.add.at(image_norm2, block_image, block_norm2)
+
+    return ClasswiseEmbedding(
+        num_images=n,
+        num_classes=pool.num_classes,
+        dim=d,
+        offsets=offsets,
+        block_class=block_class,
+        block_src=block_src,
+        block_row=block_row,
+        block_scale=block_scale,
+        block_norm2=block_norm2,
+        image_norm2=image_norm2,
+        features=pool.box_features,
+        means=means,
+        in_play=in_play,
+        image_uncertainty=image_uncertainty,
+        tau=float(tau),
+        normalize=normalize,
+        aggregate=aggregate,
+    )
+
+
+def to_dense(emb: ClasswiseEmbedding, images: np.ndarray | None = None) -> np.ndarray:
+    """The dense float64 (n, K·d) embeddings: for tests and small subsets only."""
+    images = np.arange(emb.num_images) if images is None else np.asarray(images, dtype=np.int64)
+    d = emb.dim
+    out = np.zeros((len(images), emb.num_classes * d), dtype=np.float64)
+    for j, i in enumerate(images):
+        for b in range(emb.offsets[i], emb.offsets[i + 1]):
+            c = int(emb.block_class[b])
+            if emb.block_src[b] == SRC_FEATURE:
+                block = emb.block_scale[b] * emb.features[emb.block_row[b]].astype(np.float64)
+            else:
+                block = emb.means[emb.block_row[b]]
+            out[j, c * d : (c + 1) * d] = block
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Distance kernels over the CSR structure
+
+
+@njit(inline="always")
+def _block_sqdiff(features, means, src_a, row_a, s_a, src_b, row_b, s_b):  # pragma: no cover
+    """‖a − b‖² for two blocks of the same class, by direct differences in float64."""
+    d = features.shape[1]
+    acc = 0.0
+    if src_a == 0 and src_b == 0:
+        fa = features[row_a]
+        fb = features[row_b]
+        for k in range(d):
+            t = s_a * fa[k] - s_b * fb[k]
+            acc += t * t
+    elif src_a == 0:
+        fa = features[row_a]
+        mb = means[row_b]
+        for k in range(d):
+            t = s_a * fa[k] - mb[k]
+            acc += t * t
+    elif src_b == 0:
+        ma = means[row_a]
+        fb = features[row_b]
+        for k in range(d):
+            t = ma[k] - s_b * fb[k]
+            acc += t * t
+    else:
+        ma = means[row_a]
+        mb = means[row_b]
+        for k in range(d):
+            t = ma[k] - mb[k]
+            acc += t * t
+    return acc
+
+
+@njit(cache=True)
+def _image_d2(a, b, offsets, bclass, bsrc, brow, bscale, bnorm2, features, means):  # pragma: no cover
+    """Squared distance of images a and b: shared classes by difference, the others by their norm²."""
+    ia = offsets[a]
+    ea = offsets[a + 1]
+    ib = offsets[b]
+    eb = offsets[b + 1]
+    acc = 0.0
+    while ia < ea and ib < eb:
+        ca = bclass[ia]
+        cb = bclass[ib]
+        if ca == cb:
+            acc += _block_sqdiff(
+                features, means, bsrc[ia], brow[ia], bscale[ia], bsrc[ib], brow[ib], bscale[ib]
+            )
+            ia += 1
+            ib += 1
+        elif ca < cb:
+            acc += bnorm2[ia]
+            ia += 1
+        else:
+            acc += bnorm2[ib]
+            ib += 1
+    while ia < ea:
+        acc += bnorm2[ia]
+        ia += 1
+    while ib < eb:
+        acc += bnorm2[ib]
+        ib += 1
+    return acc
+
+
+@njit(parallel=True, cache=True)
+def _add_centre(
+    c,  # image index of the new centre
+    cid,  # its centre id (position in centre_image)
+    cand,  # int64 (m,): candidate image indices
+    active,  # bool (m,): not yet picked
+    min_d2,  # float64 (m,): squared distance to the nearest centre (inf: none yet)
+    nearest,  # int64 (m,): centre id of the nearest centre (-1: none yet)
+    centre_image,  # int64 (>= cid+1,): image index per centre id
+    needed,  # bool scratch (>= cid+1,)
+    centre_dist,  # float64 scratch (>= cid+1,): ‖c − centre‖ for needed centres
+    image_norm,  # float64 (n,)
+    prune,
+    offsets,
+    bclass,
+    bsrc,
+    brow,
+    bscale,
+    bnorm2,
+    features,
+    means,
+):  # pragma: no cover
+    """Fold a new centre into min_d2 / nearest; returns how many image distances it computed."""
+    m = len(cand)
+    norm_c = image_norm[c]
+    n_needed = 0
+    if prune:
+        for j in range(cid):
+            needed[j] = False
+        for p in range(m):
+            if active[p] and min_d2[p] > 0.0 and nearest[p] >= 0:
+                needed[nearest[p]] = True
+        ids = np.empty(cid, dtype=np.int64)
+        for j in range(cid):
+            if needed[j]:
+                ids[n_needed] = j
+                n_needed += 1
+        for q in prange(n_needed):
+            j = ids[q]
+            d2 = _image_d2(c, centre_image[j], offsets, bclass, bsrc, brow, bscale, bnorm2, features, means)
+            centre_dist[j] = math.sqrt(d2)
+    computed = np.zeros(m, dtype=np.int64)
+    for p in prange(m):
+        if not active[p] or min_d2[p] == 0.0:
+            continue
+        i = cand[p]
+        if prune and nearest[p] >= 0:
+            dist = math.sqrt(min_d2[p])
+            norm_i = image_norm[i]
+            slack = _ABS_MARGIN * (norm_c + norm_i)
+            if abs(norm_c - norm_i) >= dist * (1.0 + _REL_MARGIN) + slack:
+                continue
+            j = nearest[p]
+            slack = _ABS_MARGIN * (norm_c + norm_i + image_norm[centre_image[j]])
+            if centre_dist[j] >= 2.0 * dist * (1.0 + _REL_MARGIN) + slack:
+                continue
+        d2 = _image_d2(i, c, offsets, bclass, bsrc, brow, bscale, bnorm2, features, means)
+        computed[p] = 1
+        if d2 < min_d2[p]:
+            min_d2[p] = d2
+            nearest[p] = cid
+    return n_needed + computed.sum()
+
+
+@njit(cache=True)
+def _argmax_active(min_d2, active):  # pragma: no cover
+    """First position of the largest min_d2 among active candidates (ties: the earlier image)."""
+    best = -1
+    best_v = -1.0
+    for p in range(len(min_d2)):
+        if active[p] and (best < 0 or min_d2[p] > best_v):
+            best = p
+            best_v = min_d2[p]
+    return best
+
+
+def _check_indices(values: np.ndarray, emb: ClasswiseEmbedding, what: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.int64).ravel()
+    if len(values) and (values.min() < 0 or values.max() >= emb.num_images):
+        raise SelectionError(f"{what} image index out of range [0, {emb.num_images})")
+    if not emb.in_play[values].all():
+        raise SelectionError(f"{what} include images left out of play when the embedding was built")
+    return values
+
+
+def classwise_kcg(
+    emb: ClasswiseEmbedding,
+    candidates: np.ndarray,
+    centres: np.ndarray,
+    budget: int,
+    progress: Callable[[int, int], None] | None = None,
+    prune: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact K-Center-Greedy (Algorithm 1) on class-wise embeddings.
+
+    `candidates` are image indices in ascending (pool) order, `centres` the labeled images. Returns
+    the picked image indices in pick order and each pick's Euclidean distance to the nearest centre
+    at pick time (its norm for the first pick when there are no centres). `prune=False` computes
+    every distance (for testing the pruning).
+    """
+    cand = _check_indices(candidates, emb, "candidates")
+    centres = _check_indices(centres, emb, "labeled images")
+    if len(cand) > 1 and (np.diff(cand) <= 0).any():
+        raise SelectionError("candidates must be unique image indices in ascending order")
+    if budget < 0:
+        raise SelectionError(f"--budget must be >= 0, not {budget}")
+    if budget > len(cand):
+        raise SelectionError(f"--budget {budget} exceeds the {len(cand)} candidate images")
+
+    csr = (
+        emb.offsets,
+        emb.block_class,
+        emb.block_src,
+        emb.block_row,
+        emb.block_scale,
+        emb.block_norm2,
+        emb.features,
+        emb.means,
+    )
+    image_norm = np.sqrt(emb.image_norm2)
+    m = len(cand)
+    n_centres = len(centres) + budget
+    active = np.ones(m, dtype=bool)
+    min_d2 = np.full(m, np.inf)
+    nearest = np.full(m, -1, dtype=np.int64)
+    centre_image = np.empty(max(n_centres, 1), dtype=np.int64)
+    needed = np.zeros(max(n_centres, 1), dtype=bool)
+    centre_dist = np.zeros(max(n_centres, 1), dtype=np.float64)
+
+    def add(c: int, cid: int) -> None:
+        centre_image[cid] = c
+        _add_centre(
+            c, cid, cand, active, min_d2, nearest, centre_image, needed, centre_dist, image_norm, prune, *csr
+        )
+
+    for cid, c in enumerate(centres):
+        add(int(c), cid)
+
+    picks = np.empty(budget, dtype=np.int64)
+    distances = np.empty(budget, dtype=np.float64)
+    for t in range(budget):
+        if t == 0 and len(centres) == 0:
+            p = int(np.argmax(emb.image_norm2[cand]))  # first maximum: the earlier image
+            dist = float(image_norm[cand[p]])
+        else:
+            p = int(_argmax_active(min_d2, active))
+            dist = math.sqrt(min_d2[p])
+        active[p] = False
+        picks[t] = cand[p]
+        distances[t] = dist
+        if t + 1 < budget:
+            add(int(cand[p]), len(centres) + t)
+        if progress is not None:
+            progress(t + 1, budget)
+    return picks, distances
