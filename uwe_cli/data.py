@@ -1,0 +1,277 @@
+"""Image sources for every extractor: folders, manifests, robust loading, sharding, DataLoaders.
+
+An image's ID is what annotators receive, so it must be stable across runs and machines: the path
+relative to the folder (POSIX separators), or the manifest's `id` column. Sources are listed in a
+sorted order so that shards and resumed runs see the same sequence.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uwe_cli.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+MANIFEST_EXTENSIONS = frozenset({".csv", ".parquet", ".pq"})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to process: its pool ID and where to read it."""
+
+    id: str
+    path: Path
+
+
+def list_images(source: str | Path) -> list[ImageItem]:
+    """Images of a folder (recursive) or a manifest (CSV/Parquet with `id`, `path`), in stable order."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"image source not found: {source}")
+    if source.is_dir():
+        items = _scan_directory(source)
+        if not items:
+            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise DataError(f"no images found in {source} (looked for {exts}, recursively)")
+        return items
+    if source.suffix.lower() in MANIFEST_EXTENSIONS:
+        return read_manifest(source)
+    raise DataError(f"--data must be a folder or a .csv/.parquet manifest, got {source}")
+
+
+def _scan_directory(root: Path) -> list[ImageItem]:
+    items = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            items.append(ImageItem(rel.as_posix(), path))
+    items.sort(key=lambda item: item.id)
+    return items
+
+
+def read_manifest(manifest: Path) -> list[ImageItem]:
+    """A CSV or Parquet manifest with `id` and `path` columns; relative paths are relative to it."""
+    rows = _manifest_rows(manifest)
+    if not rows:
+        raise DataError(f"manifest {manifest} has no rows")
+    items: list[ImageItem] = []
+    seen: dict[str, int] = {}
+    base = manifest.parent
+    for row_number, (image_id, raw_path) in enumerate(rows, start=1):
+        where = f"manifest {manifest}, row {row_number}"
+        if image_id is None or str(image_id) == "":
+            raise DataError(f"{where}: empty id")
+        if raw_path is None or str(raw_path) == "":
+            raise DataError(f"{where}: empty path")
+        image_id = str(image_id)
+        if image_id in seen:
+            raise DataError(f"{where}: duplicate id '{image_id}' (first at row {seen[image_id]})")
+        seen[image_id] = row_number
+        path = Path(str(raw_path)).expanduser()
+        if not path.is_absolute():
+            path = base / path
+        if not path.is_file():
+            raise DataError(f"{where}: image file not found: {path}")
+        items.append(ImageItem(image_id, path))
+    return items
+
+
+def _manifest_rows(manifest: Path) -> list[tuple[Any, Any]]:
+    if manifest.suffix.lower() == ".csv":
+        try:
+            with manifest.open(newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                columns = reader.fieldnames or []
+                _check_manifest_columns(manifest, columns)
+                return [(row.get("id"), row.get("path")) for row in reader]
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"manifest {manifest} is not a readable CSV file ({exc})") from None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(manifest)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(
+            f"manifest {manifest} is not a readable Parquet file ({str(exc).splitlines()[0]})"
+        ) from None
+    _check_manifest_columns(manifest, table.column_names)
+    return list(zip(table.column("id").to_pylist(), table.column("path").to_pylist(), strict=True))
+
+
+def _check_manifest_columns(manifest: Path, columns: Sequence[str]) -> None:
+    missing = [c for c in ("id", "path") if c not in columns]
+    if missing:
+        found = ", ".join(columns) if columns else "none"
+        raise DataError(f"manifest {manifest} lacks column(s) {', '.join(missing)} (found: {found})")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`K/N` → (K, N) with 0 ≤ K < N (0-based, like Slurm array and torch ranks); None passes through."""
+    if text is None or text == "":
+        return None
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise DataError(f"--shard must look like K/N (e.g. 0/4), got '{text}'") from None
+    if n < 1 or not 0 <= k < n:
+        raise DataError(f"--shard {text}: need N ≥ 1 and 0 ≤ K < N (K is 0-based)")
+    return k, n
+
+
+def shard_items(items: Sequence[ImageItem], shard: tuple[int, int] | None) -> list[ImageItem]:
+    """The K-th of N contiguous, disjoint slices; together the N shards cover every item once."""
+    if shard is None:
+        return list(items)
+    k, n = shard
+    size = len(items)
+    return list(items[math.floor(k * size / n) : math.floor((k + 1) * size / n)])
+
+
+def load_image(path: str | Path) -> Any:
+    """Open an image fully and convert it to RGB; DataError naming the file if it cannot be decoded."""
+    from PIL import Image, ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    # Composite on white so transparent pixels do not turn into arbitrary colours.
+                    rgba = img.convert("RGBA")
+                    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    return Image.alpha_composite(background, rgba).convert("RGB")
+                return img.convert("RGB")
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot read image {path}: {reason}") from None
+
+
+def classification_transform(
+    image_size: int = 224,
+    resize: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[Any], Any]:
+    """Resize the shorter side, centre-crop, normalise: the usual evaluation transform of ImageNet models."""
+    from torchvision import transforms
+
+    if image_size < 1:
+        raise DataError(f"--image-size must be positive, got {image_size}")
+    if resize is None:
+        resize = round(image_size / 0.875)
+    if resize < image_size:
+        raise DataError(f"--resize ({resize}) must be at least --image-size ({image_size})")
+    if len(mean) != 3 or len(std) != 3:
+        raise DataError("--mean and --std take three numbers each (R,G,B)")
+    if any(s <= 0 for s in std):
+        raise DataError("--std values must be positive")
+    return transforms.Compose(
+        [
+            transforms.Resize(resize, antialias=True),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+@dataclass
+class Batch:
+    """What the DataLoader yields: positions into the item list, their tensors, and the failures."""
+
+    indices: list[int]
+    images: Any  # torch.Tensor (B, C, H, W) or None when every image of the batch failed
+    failures: list[tuple[int, str]]
+
+
+class ImageDataset:
+    """A map-style torch dataset over ImageItems that never raises for a bad image.
+
+    Failures come back as records so that the main process decides (error or skip) and the message
+    stays one line; exceptions raised inside DataLoader workers would be wrapped in tracebacks.
+    """
+
+    def __init__(self, items: Sequence[ImageItem], transform: Callable[[Any], Any]) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
+        item = self.items[index]
+        try:
+            image = load_image(item.path)
+            return index, self.transform(image), None
+        except DataError as exc:
+            return index, None, str(exc)
+        except Exception as exc:  # a transform failing on an odd image is still that image's fault
+            return index, None, f"cannot preprocess image {item.path}: {type(exc).__name__}: {exc}"
+
+
+def collate(samples: list[tuple[int, Any, str | None]]) -> Batch:
+    """Stack the good images, keep the failures aside."""
+    import torch
+
+    good = [(i, t) for i, t, err in samples if err is None]
+    failures = [(i, err) for i, _, err in samples if err is not None]
+    images = torch.stack([t for _, t in good]) if good else None
+    return Batch([i for i, _ in good], images, failures)
+
+
+def make_loader(
+    items: Sequence[ImageItem],
+    transform: Callable[[Any], Any],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Any:
+    """A DataLoader over `items` in order, yielding `Batch` objects."""
+    from torch.utils.data import DataLoader
+
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise DataError(f"--num-workers must be ≥ 0, got {num_workers}")
+    return DataLoader(
+        ImageDataset(items, transform),  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def write_skip_report(path: Path, records: Sequence[tuple[ImageItem, str]]) -> None:
+    """The images left out by --skip-bad-images, as CSV (id, path, error), written atomically."""
+    from uwe_cli.atomic import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "path", "error"])
+        for item, message in records:
+            writer.writerow([item.id, str(item.path), message])

@@ -1,0 +1,1 @@
+"""Task heads that turn a model and images into a Parquet pool (one module per task)."""
