@@ -221,10 +221,10 @@ def _gather_level_features(
     """
     import torch
 
-    sizes = [m.shape[2] * m.shape[3] * a for m, a in zip(level_maps, anchors_per_location)]
+    sizes = [m.shape[2] * m.shape[3] * a for m, a in zip(level_maps, anchors_per_location, strict=True)]
     out = torch.zeros((anchor_idx.numel(), width), dtype=level_maps[0].dtype, device=level_maps[0].device)
     start = 0
-    for fmap, a, size in zip(level_maps, anchors_per_location, sizes):
+    for fmap, a, size in zip(level_maps, anchors_per_location, sizes, strict=True):
         sel = (anchor_idx >= start) & (anchor_idx < start + size)
         if sel.any():
             loc = torch.div(anchor_idx[sel] - start, a, rounding_mode="floor")
@@ -249,7 +249,7 @@ def _finish(
         [{"boxes": d["boxes"]} for d in per_image], image_sizes, original_sizes
     )
     out = []
-    for d, r in zip(per_image, rescaled):
+    for d, r in zip(per_image, rescaled, strict=True):
         out.append(
             ImageDetections(
                 boxes=r["boxes"].detach().to("cpu", torch.float32),
@@ -298,6 +298,7 @@ def _run_rcnn(
         pred_scores.split(boxes_per_image, 0),
         image_list.image_sizes,
         boxes_per_image,
+        strict=True,
     ):
         boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
         labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
@@ -354,10 +355,7 @@ def _run_dense_sigmoid(
     anchors = model.anchor_generator(image_list, features)
 
     hw = [x.size(2) * x.size(3) for x in features]
-    if family == "retinanet":
-        a = head_outputs["cls_logits"].size(1) // sum(hw)
-    else:
-        a = 1
+    a = head_outputs["cls_logits"].size(1) // sum(hw) if family == "retinanet" else 1
     per_level = [n * a for n in hw]
     split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
     split_anchors = [list(x.split(per_level)) for x in anchors]
@@ -452,7 +450,7 @@ def _run_ssd(
 
     results = []
     for index, (regression, all_scores, anchors, image_shape) in enumerate(
-        zip(bbox_regression, pred_scores, image_anchors, image_list.image_sizes)
+        zip(bbox_regression, pred_scores, image_anchors, image_list.image_sizes, strict=True)
     ):
         boxes_all = model.box_coder.decode_single(regression, anchors)
         boxes_all = box_ops.clip_boxes_to_image(boxes_all, image_shape)
