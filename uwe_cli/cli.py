@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from uwe_cli import __version__
+from uwe_cli.commands import extract_classification
 from uwe_cli.commands import inspect as inspect_cmd
 from uwe_cli.commands import select as select_cmd
 
@@ -24,6 +25,7 @@ app.add_typer(extract_app, name="extract")
 app.command("select")(select_cmd.select)
 app.command("inspect")(inspect_cmd.inspect)
 # extract commands register here: extract_app.command("classification")(...)
+extract_app.command("classification")(extract_classification.classification)
 
 
 def _version(value: bool) -> None:

@@ -8,9 +8,11 @@ culprit: the model name, the checkpoint file, the missing/unexpected keys.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
+import io
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -227,7 +229,9 @@ def build_torchvision(name: str, task: str, num_classes: int | None, weights: st
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
     try:
-        module = torchvision.models.get_model(name, **kwargs)
+        # torch.hub announces downloads on stderr; keep the CLI's error to one line when offline.
+        with contextlib.redirect_stderr(io.StringIO()):
+            module = torchvision.models.get_model(name, **kwargs)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         if weights:
             raise ModelError(
