@@ -75,6 +75,7 @@ class CentreTracker:
         self.centre_rows = np.empty(max(capacity, 1), dtype=np.int64)
         self.k = 0
         self.prune = prune
+        self.taken = 0
         self.stats = TrackerStats()
 
     def live_sq_norms(self) -> np.ndarray:
@@ -144,12 +145,13 @@ class CentreTracker:
         self.stats.evaluated += kern.add_centre(
             self.G, self.F, self.cand, self.D, self.near, self.centre_rows, self.k, E, self.prune
         )
-        self.stats.possible += self.cand.size
+        self.stats.possible += self.cand.size - self.taken
         self.k += 1
 
     def take(self, t: int) -> None:
         """Remove candidate position t from play (it has been selected)."""
         self.D[t] = -1.0
+        self.taken += 1
 
 
 @dataclass

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from uwe_cli.pool import encode_metadata
+
+
+def fixed_list(mat: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1), type=value_type), mat.shape[1])
+
+
+def write_pool(
+    path: Path,
+    features: np.ndarray,
+    uncertainty: np.ndarray | None = None,
+    ids: list[str] | None = None,
+    column: str = "entropy",
+    probs: np.ndarray | None = None,
+    extra: dict[str, pa.Array] | None = None,
+    metadata: bool = True,
+) -> Path:
+    n = features.shape[0]
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(ids if ids is not None else [f"s{i:05d}" for i in range(n)], type=pa.string()),
+        "feature": fixed_list(np.asarray(features, dtype=np.float32)),
+    }
+    if uncertainty is not None:
+        cols[column] = pa.array(np.asarray(uncertainty, dtype=np.float32))
+    if probs is not None:
+        cols["probs"] = fixed_list(np.asarray(probs, dtype=np.float32))
+    cols.update(extra or {})
+    table = pa.table(cols)
+    if metadata:
+        table = table.replace_schema_metadata(encode_metadata({"task": "classification"}))
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)

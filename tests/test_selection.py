@@ -1,0 +1,183 @@
+"""Selection engines against brute-force float64 references: exact picks, every engine, adversarial pools."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reference import dense_embeddings, kcg_reference, kmeanspp_reference
+from uwe_cli.embedding import normalize_uncertainty, uwe_weights
+from uwe_cli.selection import engine
+from uwe_cli.selection.engine import CentreTracker, as_weights, k_center_greedy, k_center_greedy_naive
+from uwe_cli.selection.strategies import badge_weights, kmeanspp_seeding
+
+
+def clustered(rng, n, d, k=6):
+    centres = rng.gamma(2.0, 1.0, size=(k, d))
+    return np.maximum(centres[rng.integers(0, k, n)] + 0.4 * rng.standard_normal((n, d)), 0).astype(np.float32)
+
+
+def split(rng, n, n_labeled):
+    perm = rng.permutation(n)
+    return np.sort(perm[n_labeled:]), np.sort(perm[:n_labeled])
+
+
+ENGINES = {
+    "pruned": lambda F, w, c, l, b: k_center_greedy(F, w, c, l, b, prune=True),
+    "unpruned": lambda F, w, c, l, b: k_center_greedy(F, w, c, l, b, prune=False),
+    "no-faiss": lambda F, w, c, l, b: k_center_greedy(F, w, c, l, b, use_faiss=False),
+    "naive": lambda F, w, c, l, b: k_center_greedy_naive(F, w, c, l, b, chunk_rows=97),
+}
+
+
+@pytest.mark.parametrize("engine_name", list(ENGINES))
+@pytest.mark.parametrize("n_labeled", [0, 5, 60])
+@pytest.mark.parametrize("tau", [0.0, 0.1, 1.0, 2.0])
+def test_kcg_equals_reference(rng, engine_name, n_labeled, tau):
+    n, d, budget = 700, 24, 40
+    F = clustered(rng, n, d)
+    u = rng.random(n)
+    cand, lab = split(rng, n, n_labeled)
+    w = uwe_weights(normalize_uncertainty(u, None, "minmax"), tau)
+    ref_picks, ref_dist = kcg_reference(dense_embeddings(F, w), cand, lab, budget)
+    res = ENGINES[engine_name](F, w, cand, lab, budget)
+    np.testing.assert_array_equal(res.positions, ref_picks)
+    np.testing.assert_allclose(res.distances, ref_dist, rtol=1e-12)
+
+
+@pytest.mark.parametrize("engine_name", list(ENGINES))
+def test_coreset_unweighted_equals_reference(rng, engine_name):
+    F = clustered(rng, 500, 16)
+    cand, lab = split(rng, 500, 30)
+    ref_picks, _ = kcg_reference(dense_embeddings(F, None), cand, lab, 50)
+    np.testing.assert_array_equal(ENGINES[engine_name](F, None, cand, lab, 50).positions, ref_picks)
+
+
+def adversarial_pools(rng):
+    n, d = 400, 8
+    base = clustered(rng, 40, d)
+    dup = base[rng.integers(0, 40, n)]  # every point has exact duplicates
+    yield "duplicates", dup, rng.random(n)
+    yield "equal-uncertainty", clustered(rng, n, d), np.full(n, 0.3)
+    zeros = clustered(rng, n, d)
+    zeros[::3] = 0.0
+    yield "zero-vectors", zeros, rng.random(n)
+    yield "zero-uncertainty-half", clustered(rng, n, d), np.where(rng.random(n) < 0.5, 0.0, rng.random(n))
+    grid = rng.integers(0, 3, size=(n, d)).astype(np.float32)  # many exact distance ties
+    yield "integer-grid", grid, rng.integers(0, 3, n).astype(float)
+
+
+@pytest.mark.parametrize("engine_name", list(ENGINES))
+@pytest.mark.parametrize("n_labeled", [0, 25])
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_adversarial_pools(engine_name, n_labeled, tau):
+    rng = np.random.default_rng(7)
+    for name, F, u in adversarial_pools(rng):
+        cand, lab = split(rng, F.shape[0], n_labeled)
+        w = uwe_weights(normalize_uncertainty(u, None, "minmax"), tau)
+        budget = min(60, cand.size)
+        ref_picks, ref_dist = kcg_reference(dense_embeddings(F, w), cand, lab, budget)
+        res = ENGINES[engine_name](F, w, cand, lab, budget)
+        np.testing.assert_array_equal(res.positions, ref_picks, err_msg=name)
+        np.testing.assert_allclose(res.distances, ref_dist, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_budget_exhausts_all_candidates(rng):
+    F = clustered(rng, 60, 4)
+    F[10:20] = F[0]  # duplicates of a centre → D = 0, picked last in row order
+    cand, lab = split(rng, 60, 5)
+    ref_picks, _ = kcg_reference(dense_embeddings(F, None), cand, lab, cand.size)
+    res = k_center_greedy(F, None, cand, lab, cand.size)
+    np.testing.assert_array_equal(res.positions, ref_picks)
+    assert sorted(res.positions) == list(range(cand.size))
+
+
+def test_faiss_refinement_falls_back_to_full_scan(rng, monkeypatch):
+    """When float32 k-NN cannot certify the nearest labeled centre, the exact full scan decides."""
+    F = clustered(rng, 600, 12)
+    F[100:200] = F[:100]  # every labeled point has an exact twin: k=2 neighbours tie and cannot certify
+    cand, lab = np.arange(200, 600), np.arange(200)
+    monkeypatch.setattr(engine, "KNN_NEIGHBOURS", 2)
+    tracker = CentreTracker(F, as_weights(None, 600), cand, 200)
+    tracker.init_centres(lab)
+    E = dense_embeddings(F, None)
+    expected = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(tracker.D, expected, rtol=1e-12, atol=1e-12)
+    assert tracker.stats.unsure_rows > 0
+
+
+def test_pruning_skips_work_but_not_results(rng):
+    F = clustered(rng, 3000, 32, k=12)
+    w = rng.random(3000)
+    pruned = k_center_greedy(F, w, np.arange(3000), np.empty(0, np.int64), 200)
+    full = k_center_greedy(F, w, np.arange(3000), np.empty(0, np.int64), 200, prune=False)
+    np.testing.assert_array_equal(pruned.positions, full.positions)
+    assert pruned.stats.skipped_fraction > 0.5
+    assert full.stats.skipped_fraction == 0.0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 80),
+    d=st.integers(1, 6),
+    n_labeled=st.integers(0, 20),
+    n_excluded=st.integers(0, 10),
+    budget_frac=st.floats(0.01, 1.0),
+    tau=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+    seed=st.integers(0, 2**31 - 1),
+    grid=st.booleans(),
+)
+def test_kcg_invariants(n, d, n_labeled, n_excluded, budget_frac, tau, seed, grid):
+    rng = np.random.default_rng(seed)
+    F = (rng.integers(0, 3, (n, d)) if grid else rng.random((n, d)) * 5).astype(np.float32)
+    u = rng.random(n)
+    perm = rng.permutation(n)
+    lab = np.sort(perm[: min(n_labeled, n - 1)])
+    excl = perm[len(lab) : len(lab) + n_excluded]
+    cand = np.setdiff1d(np.arange(n), np.concatenate([lab, excl]))
+    if cand.size == 0:
+        return
+    budget = max(1, int(budget_frac * cand.size))
+    w = uwe_weights(normalize_uncertainty(u, None, "minmax"), tau)
+    res = k_center_greedy(F, w, cand, lab, budget)
+    rows = cand[res.positions]
+    assert len(set(rows.tolist())) == budget  # no duplicates
+    assert not set(rows.tolist()) & set(lab.tolist())  # nothing labeled
+    assert not set(rows.tolist()) & set(excl.tolist())  # nothing excluded
+    if lab.size:
+        assert np.all(np.diff(res.distances) <= 1e-12 * max(1.0, res.distances[0]))  # non-increasing
+    else:
+        assert np.all(np.diff(res.distances[1:]) <= 1e-12 * max(1.0, res.distances[0]))
+    E = dense_embeddings(F, w)
+    if lab.size:  # the first pick maximises the distance to the labeled set
+        D0 = np.min(((E[cand][:, None] - E[lab][None]) ** 2).sum(-1), axis=1)
+        assert D0[res.positions[0]] == D0.max()
+    else:
+        norms = (E[cand] ** 2).sum(1)
+        assert norms[res.positions[0]] == norms.max()
+    np.testing.assert_array_equal(res.positions, kcg_reference(E, cand, lab, budget)[0])
+
+
+@pytest.mark.parametrize("n_labeled", [0, 20])
+def test_kmeanspp_equals_dense_reference(rng, n_labeled):
+    F = clustered(rng, 400, 10)
+    w = rng.random(400)
+    cand, lab = split(rng, 400, n_labeled)
+    for seed in (0, 1, 2):
+        got = kmeanspp_seeding(F, as_weights(w, 400), cand, lab, 30, seed)
+        np.testing.assert_array_equal(got, kmeanspp_reference(dense_embeddings(F, w), cand, lab, 30, seed))
+
+
+def test_badge_equals_dense_gradient_embedding_reference(rng):
+    n, d, k = 300, 12, 5
+    F = clustered(rng, n, d)
+    logits = rng.standard_normal((n, k)) * 2
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    G = badge_weights(probs)
+    onehot = np.eye(k)[probs.argmax(1)]
+    dense = ((probs.astype(np.float64) - onehot)[:, :, None] * F.astype(np.float64)[:, None, :]).reshape(n, -1)
+    cand, lab = split(rng, n, 0)
+    got = kmeanspp_seeding(F, G, cand, lab, 25, seed=3)
+    np.testing.assert_array_equal(got, kmeanspp_reference(dense, cand, lab, 25, seed=3))

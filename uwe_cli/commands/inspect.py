@@ -1,0 +1,38 @@
+"""`uwe inspect POOL`: schema, row count, feature dimension, uncertainty statistics, metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from uwe_cli.commands._common import cli_errors
+
+
+def inspect(
+    pool: Path = typer.Argument(..., help="Parquet pool file or directory of parts."),
+    json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Describe a pool: rows, feature dimension, task, uncertainty columns (min/mean/max), metadata."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from uwe_cli.describe import describe_pool
+
+    with cli_errors():
+        info = describe_pool(pool)
+    if json_out:
+        typer.echo(json.dumps(info, sort_keys=True, default=str))
+        return
+    console = Console(highlight=False)
+    console.print(f"[bold]{info['path']}[/]  ({info['files']} file{'s' if info['files'] != 1 else ''})")
+    console.print(f"rows: {info['rows']:,}" + (f"   images: {info['images']:,}" if "images" in info else ""))
+    console.print(f"task: {info['task']}   feature dim: {info['feature_dim']}")
+    table = Table("column", "min", "mean", "max", "nulls", title="float columns", title_justify="left")
+    for name, s in info["uncertainty"].items():
+        table.add_row(name, f"{s['min']:.6g}", f"{s['mean']:.6g}", f"{s['max']:.6g}", str(s["nulls"]))
+    console.print(table)
+    console.print("columns: " + ", ".join(f"{k} ({v})" for k, v in info["columns"].items()))
+    if info["metadata"]:
+        console.print("metadata: " + json.dumps(info["metadata"], sort_keys=True))

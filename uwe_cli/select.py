@@ -1,0 +1,212 @@
+"""`uwe select` as a library call: pool(s) + labeled IDs → the next batch."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uwe_cli.batch import Batch
+from uwe_cli.embedding import normalize_uncertainty, uwe_weights
+from uwe_cli.errors import ResourceError, SelectionError
+from uwe_cli.ids import read_id_file, rows_of
+from uwe_cli.pool import Pool, estimate_matrix_bytes, pool_files, read_pool
+from uwe_cli.selection.engine import Progress
+from uwe_cli.selection.strategies import StrategyInput, get_strategy
+
+DEVICES = ("auto", "cpu", "cuda")
+# Working memory of the selection beyond the feature matrix: D, nearest centre, weights, ids.
+PER_ROW_OVERHEAD_BYTES = 8 + 4 + 8 + 8 + 24
+
+
+@dataclass
+class SelectResult:
+    batch: Batch
+    summary: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_memory(text: str) -> int:
+    """'8G', '512M', '1.5GiB', '2000000000' → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise SelectionError(f"--max-memory: cannot read '{text}' (examples: 8G, 512M)")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise SelectionError(f"unknown --device '{device}' (choose from {', '.join(DEVICES)})")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ResourceError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    # The exact engine runs on the CPU; CUDA is used by the extractors. See README "Devices".
+    return "cpu"
+
+
+def check_memory(paths: list[Path], max_memory: int | None) -> int:
+    rows, dim, matrix = estimate_matrix_bytes(paths)
+    need = matrix + rows * PER_ROW_OVERHEAD_BYTES
+    limit = max_memory if max_memory is not None else available_memory()
+    if limit is not None and need > limit:
+        raise ResourceError(
+            f"pool needs about {need / 2**30:.1f} GiB ({rows:,} rows × {dim} features) but "
+            f"{'--max-memory allows' if max_memory is not None else 'only'} {limit / 2**30:.1f} GiB "
+            f"{'' if max_memory is not None else 'is available'}".rstrip()
+        )
+    return need
+
+
+def run_select(
+    pools: list[str | Path],
+    budget: int,
+    strategy: str = "uwe",
+    uncertainty: str | None = None,
+    tau: float = 1.0,
+    normalize: str = "minmax",
+    labeled: str | Path | None = None,
+    exclude: str | Path | None = None,
+    aggregate: str = "max",
+    seed: int = 0,
+    device: str = "auto",
+    max_memory: int | None = None,
+    prune: bool = True,
+    progress: Progress | None = None,
+) -> SelectResult:
+    """Select `budget` units. Raises UweError subclasses for every bad input, before any output exists."""
+    started = time.perf_counter()
+    strat = get_strategy(strategy)
+    if budget <= 0:
+        raise SelectionError(f"--budget must be at least 1, got {budget}")
+    if aggregate not in ("max", "mean"):
+        raise SelectionError(f"unknown --aggregate '{aggregate}' (choose from max, mean)")
+    if not np.isfinite(tau) or tau < 0:
+        raise SelectionError(f"--tau must be a finite number >= 0, got {tau}")
+    resolve_device(device)
+    paths = [Path(p) for p in pools]
+    for p in paths:
+        pool_files(p)
+    labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
+    exclude_ids = read_id_file(exclude, "--exclude") if exclude else []
+
+    from uwe_cli.detection_select import is_detection_pool
+
+    if any(is_detection_pool(p) for p in paths):
+        from uwe_cli.detection_select import run_detection_select
+
+        return run_detection_select(
+            paths, budget, strategy, uncertainty, tau, normalize, labeled_ids, exclude_ids, aggregate,
+            seed, prune, progress, started,
+        )
+
+    check_memory(paths, max_memory)
+    pool = read_pool(paths, uncertainty, need_uncertainty=strat.needs_uncertainty, need_probs=strat.needs_probs)
+    if uncertainty not in (None, "", "auto") and not strat.needs_uncertainty and pool.uncertainty is None:
+        pool = read_pool(paths, uncertainty, need_uncertainty=True, need_probs=strat.needs_probs)
+    return _select_units(
+        pool, budget, strategy, tau, normalize, labeled_ids, exclude_ids, seed, prune, progress, started
+    )
+
+
+def split_pool(
+    n: int, labeled_rows: np.ndarray, exclude_rows: np.ndarray, budget: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates, in_play mask): candidates = pool − labeled − excluded; in play = labeled + candidates."""
+    in_play = np.ones(n, dtype=bool)
+    in_play[exclude_rows] = False
+    is_cand = in_play.copy()
+    is_cand[labeled_rows] = False
+    in_play[labeled_rows] = True
+    candidates = np.flatnonzero(is_cand)
+    if budget > candidates.size:
+        raise SelectionError(
+            f"--budget {budget} is larger than the {candidates.size} candidates "
+            f"({n} in the pool, {labeled_rows.size} labeled, {np.setdiff1d(exclude_rows, labeled_rows).size} excluded)"
+        )
+    return candidates, in_play
+
+
+def _select_units(
+    pool: Pool,
+    budget: int,
+    strategy: str,
+    tau: float,
+    normalize: str,
+    labeled_ids: list[str],
+    exclude_ids: list[str],
+    seed: int,
+    prune: bool,
+    progress: Progress | None,
+    started: float,
+) -> SelectResult:
+    strat = get_strategy(strategy)
+    warnings: list[str] = []
+    labeled_rows, missing_labeled = rows_of(labeled_ids, pool.ids)
+    exclude_rows, missing_excluded = rows_of(exclude_ids, pool.ids)
+    if missing_labeled:
+        warnings.append(f"{missing_labeled} labeled IDs are not in the pool (ignored)")
+    if missing_excluded:
+        warnings.append(f"{missing_excluded} excluded IDs are not in the pool (ignored)")
+    candidates, in_play = split_pool(pool.size, labeled_rows, exclude_rows, budget)
+
+    u_norm = weights = None
+    if pool.uncertainty is not None:
+        u_norm = normalize_uncertainty(pool.uncertainty, in_play, normalize)
+        weights = uwe_weights(u_norm, tau)
+    out = strat.func(
+        StrategyInput(
+            features=pool.features,
+            u_norm=u_norm,
+            weights=weights,
+            probs=pool.probs,
+            candidates=candidates,
+            labeled=labeled_rows,
+            budget=budget,
+            seed=seed,
+            prune=prune,
+            progress=progress,
+        )
+    )
+    rows = candidates[out.positions]
+    batch = Batch(
+        ids=pool.ids.take(rows).to_pylist(),
+        uncertainty=[float(v) for v in u_norm[rows]] if u_norm is not None else [None] * len(rows),
+        distance=[float(v) for v in out.distances] if out.distances is not None else [None] * len(rows),
+        extra={name: col.take(rows).to_pylist() for name, col in pool.extra.items()},
+    )
+    summary = {
+        "strategy": strategy,
+        "budget": budget,
+        "pool_size": pool.size,
+        "candidates": int(candidates.size),
+        "labeled": int(labeled_rows.size),
+        "labeled_missing": missing_labeled,
+        "excluded": int(np.setdiff1d(exclude_rows, labeled_rows).size),
+        "feature_dim": pool.dim,
+        "task": pool.task,
+        "uncertainty": pool.uncertainty_column,
+        "tau": tau,
+        "normalize": normalize,
+        "seed": seed,
+        "skipped_distance_fraction": out.skipped_fraction,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return SelectResult(batch, summary, warnings)
