@@ -6,6 +6,8 @@ import typer
 
 from uwe_cli import __version__
 from uwe_cli.commands import extract_classification
+from uwe_cli.commands import extract_detection as extract_detection_cmd
+from uwe_cli.commands import extract_segmentation as extract_segmentation_cmd
 from uwe_cli.commands import inspect as inspect_cmd
 from uwe_cli.commands import select as select_cmd
 
@@ -26,6 +28,8 @@ app.command("select")(select_cmd.select)
 app.command("inspect")(inspect_cmd.inspect)
 # extract commands register here: extract_app.command("classification")(...)
 extract_app.command("classification")(extract_classification.classification)
+extract_app.command("segmentation")(extract_segmentation_cmd.segmentation)
+extract_app.command("detection")(extract_detection_cmd.detection)
 
 
 def _version(value: bool) -> None:

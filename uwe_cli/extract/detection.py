@@ -50,12 +50,22 @@ A user's own detector plugs in by returning, in eval mode, for a list of CHW flo
 
 from __future__ import annotations
 
+import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uwe_cli.errors import ModelError
+import numpy as np
+import pyarrow as pa
+
+from uwe_cli import __version__
+from uwe_cli.atomic import atomic_path
+from uwe_cli.data import Batch, ImageDataset, ImageItem, list_images, shard_items, write_skip_report
+from uwe_cli.errors import DataError, ModelError, UweError
+from uwe_cli.extract.writer import DEFAULT_PART_ROWS, ResumablePoolWriter, shard_target
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +74,7 @@ FAMILIES = ("rcnn", "retinanet", "fcos", "ssd", "user")
 DEFAULT_SCORE_THRESHOLD = 0.05
 DEFAULT_MAX_DETECTIONS = 100
 USER_KEYS = ("boxes", "labels", "scores", "probs", "features")
+ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
@@ -583,3 +594,493 @@ def detect(
         if family in ("retinanet", "fcos"):
             return _run_dense_sigmoid(model, family, images, thresh, dets)
         return _run_ssd(model, images, thresh, dets)
+
+
+# --------------------------------------------------------------------------------------------------
+# the extractor: images -> detection pool
+
+
+@dataclass
+class DetectionConfig:
+    """Everything `uwe extract detection` accepts; None means "the default" (docs/extract-detection.md)."""
+
+    data: str | Path
+    out: str | Path
+    model: str | None = None
+    checkpoint: str | Path | None = None
+    num_classes: int | None = None
+    weights: str | None = None
+    class_names: Sequence[str] | None = None
+    score_threshold: float | None = DEFAULT_SCORE_THRESHOLD
+    max_detections: int | None = DEFAULT_MAX_DETECTIONS
+    min_size: int | None = None
+    max_size: int | None = None
+    batch_size: int = 4
+    num_workers: int = 0
+    device: str = "auto"
+    shard: tuple[int, int] | None = None
+    skip_bad_images: bool = False
+    write_probs: bool = True
+    visualize: str | Path | None = None
+    part_rows: int = DEFAULT_PART_ROWS
+
+
+@dataclass
+class DetectionResult:
+    """What a run did, for the CLI summary and for callers who chain steps."""
+
+    out: Path
+    rows: int
+    processed: int
+    resumed: int
+    detections: int = 0
+    empty_images: int = 0
+    skipped: list[tuple[ImageItem, str]] = field(default_factory=list)
+    skip_report: Path | None = None
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    feature_dim: int = 0
+    num_classes: int = 0
+    family: str = ""
+    device: str = "cpu"
+    visualized: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+FEATURE_DESCRIPTIONS = {
+    "rcnn": "input of roi_heads.box_predictor for the box's proposal",
+    "retinanet": "input of head.classification_head.cls_logits at the anchor's location",
+    "fcos": "input of head.classification_head.cls_logits at the box's location",
+    "ssd": "input of the final classification conv of the box's level at its location, zero-padded",
+    "user": "features returned by the model",
+}
+PROBS_DESCRIPTIONS = {
+    "rcnn": "softmax over all classes (0 = background) of the box's proposal",
+    "retinanet": "sigmoid of each class logit at the box's anchor",
+    "fcos": "sqrt(sigmoid(class logit) * sigmoid(centerness)) per class at the box's location",
+    "ssd": "softmax over all classes (0 = background) at the box's default box",
+    "user": "probs returned by the model",
+}
+
+
+def _check_config(cfg: DetectionConfig) -> None:
+    if cfg.score_threshold is not None and not (0.0 <= cfg.score_threshold < 1.0):
+        raise DataError(f"--score-threshold must be in [0, 1), got {cfg.score_threshold}")
+    if cfg.max_detections is not None and cfg.max_detections < 1:
+        raise DataError(f"--max-detections must be at least 1, got {cfg.max_detections}")
+    for name, value in (("--min-size", cfg.min_size), ("--max-size", cfg.max_size)):
+        if value is not None and value < 1:
+            raise DataError(f"{name} must be positive, got {value}")
+    if cfg.batch_size < 1:
+        raise DataError(f"--batch-size must be positive, got {cfg.batch_size}")
+
+
+def _to_tensor(image: Any) -> Any:
+    """PIL → float CHW in [0, 1]: torchvision detectors normalise and resize inside the model."""
+    from torchvision.transforms.functional import to_tensor
+
+    return to_tensor(image)
+
+
+def _collate_list(samples: list[tuple[int, Any, str | None]]) -> Batch:
+    """Like data.collate, but images keep their own sizes (a list, as detectors take them)."""
+    good = [(i, t) for i, t, err in samples if err is None]
+    failures = [(i, err) for i, _, err in samples if err is not None]
+    return Batch([i for i, _ in good], [t for _, t in good] if good else None, failures)
+
+
+def _make_loader(items: Sequence[ImageItem], batch_size: int, num_workers: int, pin: bool) -> Any:
+    from torch.utils.data import DataLoader
+
+    if num_workers < 0:
+        raise DataError(f"--num-workers must be ≥ 0, got {num_workers}")
+    return DataLoader(
+        ImageDataset(items, _to_tensor),  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_list,
+        pin_memory=pin,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def _apply_sizes(module: Any, family: str, min_size: int | None, max_size: int | None) -> None:
+    """--min-size/--max-size replace the resize of GeneralizedRCNNTransform (not for SSD's fixed size)."""
+    if min_size is None and max_size is None:
+        return
+    transform = getattr(module, "transform", None)
+    if family in ("user", "ssd") or transform is None or not hasattr(transform, "min_size"):
+        raise ModelError(
+            f"--min-size/--max-size apply to R-CNN, RetinaNet and FCOS models, not to a {family} detector"
+        )
+    if min_size is not None:
+        transform.min_size = (int(min_size),)
+    if max_size is not None:
+        transform.max_size = int(max_size)
+
+
+def _schema(feature_dim: int, num_classes: int, with_probs: bool) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("label", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("box", pa.list_(pa.float32(), 4)),
+        pa.field("bvsb", pa.float32()),
+        pa.field("entropy", pa.float32()),
+        pa.field("least_confidence", pa.float32()),
+    ]
+    if with_probs:
+        fields.append(pa.field("probs", pa.list_(pa.float32(), num_classes)))
+    fields.append(pa.field("feature", pa.list_(pa.float32(), feature_dim)))
+    return pa.schema(fields)
+
+
+def _fixed_list(matrix: np.ndarray, width: int, valid: np.ndarray) -> pa.Array:
+    """A fixed_size_list array, null where `valid` is False (the empty-image rows)."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1, width)
+    values = pa.array(matrix.reshape(-1), pa.float32())
+    mask = pa.array(~valid) if not valid.all() else None
+    return pa.FixedSizeListArray.from_arrays(values, width, mask=mask)
+
+
+def detections_to_batch(
+    items: Sequence[ImageItem],
+    dets: Sequence[ImageDetections],
+    schema: pa.Schema,
+    background_class: int | None,
+) -> pa.RecordBatch:
+    """Pool rows for a batch of images: one per detection, one null-label row per empty image."""
+    import torch
+
+    num_classes = schema.field("probs").type.list_size if "probs" in schema.names else None
+    d = schema.field("feature").type.list_size
+    ids: list[str] = []
+    sources: list[str] = []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "score", "box", "probs", "feature")}
+    unc: dict[str, list[np.ndarray]] = {k: [] for k in ("bvsb", "entropy", "least_confidence")}
+    valid: list[np.ndarray] = []
+    k_width = num_classes if num_classes is not None else (dets[0].probs.shape[1] if dets else 0)
+    for item, det in zip(items, dets, strict=True):
+        n = len(det)
+        rows = max(n, 1)
+        ids.extend([item.id] * rows)
+        sources.extend([str(item.path)] * rows)
+        if n == 0:
+            valid.append(np.zeros(1, dtype=bool))
+            parts["label"].append(np.zeros(1, np.int32))
+            parts["score"].append(np.zeros(1, np.float32))
+            parts["box"].append(np.zeros((1, 4), np.float32))
+            parts["probs"].append(np.zeros((1, k_width), np.float32))
+            parts["feature"].append(np.zeros((1, d), np.float32))
+            for key in unc:
+                unc[key].append(np.zeros(1, np.float32))
+            continue
+        if det.features.shape[1] != d:
+            raise ModelError(f"image {item.id}: feature length {det.features.shape[1]} differs from {d}")
+        if num_classes is not None and det.probs.shape[1] != num_classes:
+            raise ModelError(f"image {item.id}: {det.probs.shape[1]} class scores, expected {num_classes}")
+        finite = (
+            torch.isfinite(det.probs).all()
+            and torch.isfinite(det.features).all()
+            and torch.isfinite(det.boxes).all()
+            and torch.isfinite(det.scores).all()
+        )
+        if not bool(finite):
+            raise ModelError(f"the detector produced NaN or Inf for image {item.id}")
+        if n and (
+            int(det.labels.min()) < 0 or (num_classes is not None and int(det.labels.max()) >= num_classes)
+        ):
+            raise ModelError(f"image {item.id}: label outside [0, {num_classes}) from the detector")
+        valid.append(np.ones(n, dtype=bool))
+        parts["label"].append(det.labels.numpy().astype(np.int32))
+        parts["score"].append(det.scores.numpy())
+        parts["box"].append(det.boxes.numpy())
+        parts["probs"].append(det.probs.numpy())
+        parts["feature"].append(det.features.numpy())
+        for key, values in box_uncertainty(det.probs, background_class).items():
+            unc[key].append(values.numpy().astype(np.float32))
+    ok = np.concatenate(valid) if valid else np.zeros(0, dtype=bool)
+    null = None if ok.all() else pa.array(~ok)
+    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    arrays: dict[str, pa.Array] = {
+        "id": pa.array(ids, pa.string()),
+        "source": pa.array(sources, pa.string()),
+        "label": pa.array(cat["label"].astype(np.int32), pa.int32(), mask=None if null is None else ~ok),
+        "score": pa.array(cat["score"].astype(np.float32), pa.float32(), mask=None if null is None else ~ok),
+        "box": _fixed_list(cat["box"], 4, ok),
+        "feature": _fixed_list(cat["feature"], d, ok),
+    }
+    for key, values in unc.items():
+        arr = np.concatenate(values) if values else np.zeros(0, np.float32)
+        arrays[key] = pa.array(arr, pa.float32(), mask=None if null is None else ~ok)
+    if "probs" in schema.names:
+        arrays["probs"] = _fixed_list(cat["probs"], k_width, ok)
+    return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+def _safe_name(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") or "image"
+
+
+def visualize_detections(
+    image: Any,
+    det: ImageDetections,
+    path: Path,
+    background_class: int | None,
+    class_names: Sequence[str] | None,
+) -> None:
+    """Draw every kept box (thin) and, per class, the box of largest bvsb (thick): the box that
+    represents its class in the image embedding (Eq. 9, --aggregate max), labelled with class,
+    score and u = bvsb."""
+    from PIL import ImageDraw
+    from torchvision.transforms.functional import to_pil_image
+
+    pil = to_pil_image(image.detach().cpu().clamp(0, 1)).convert("RGB")
+    draw = ImageDraw.Draw(pil)
+    if len(det):
+        u = box_uncertainty(det.probs, background_class)["bvsb"]
+        chosen: dict[int, int] = {}
+        for i, label in enumerate(det.labels.tolist()):
+            if label not in chosen or float(u[i]) > float(u[chosen[label]]):
+                chosen[label] = i
+        palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+        picked = set(chosen.values())
+        for i in range(len(det)):
+            label = int(det.labels[i])
+            colour = palette[label % len(palette)]
+            x1, y1, x2, y2 = (float(v) for v in det.boxes[i])
+            draw.rectangle([x1, y1, x2, y2], outline=colour, width=3 if i in picked else 1)
+            if i in picked:
+                name = class_names[label] if class_names and label < len(class_names) else str(label)
+                draw.text(
+                    (x1 + 2, y1 + 1), f"{name} {float(det.scores[i]):.2f} u={float(u[i]):.2f}", fill=colour
+                )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        pil.save(tmp, format="PNG")
+
+
+def _infer_num_classes(name: str, checkpoint: Path) -> int | None:
+    """Classes of a torchvision detector's checkpoint, from its classification layer.
+
+    models.load_model infers classes from the last nn.Linear, which for a detector is the box
+    regressor (4·K outputs) or absent; the classification layer's outputs are A·K, so compare them
+    with a probe model built with the default K.
+    """
+    import torch
+
+    from uwe_cli.models import build_torchvision, read_checkpoint, unwrap_state_dict
+
+    obj = read_checkpoint(checkpoint)
+    if isinstance(obj, torch.nn.Module) or not isinstance(obj, dict):
+        return None
+    state = unwrap_state_dict(obj, checkpoint)
+    probe, _ = build_torchvision(name, "detection", None, None)
+    info = detector_info(probe)
+    family = info.family
+    if family == "rcnn":
+        key = "roi_heads.box_predictor.cls_score.weight"
+    elif family in ("retinanet", "fcos"):
+        key = "head.classification_head.cls_logits.weight"
+    elif family == "ssd":
+        first = probe.head.classification_head.module_list[0]
+        conv = _final_conv(first)
+        sub = next(n for n, m in first.named_modules() if m is conv)
+        prefix = "head.classification_head.module_list.0"
+        key = f"{prefix}.{sub}.weight" if sub else f"{prefix}.weight"
+    else:
+        return None
+    own = probe.state_dict().get(key)
+    theirs = state.get(key)
+    if own is None or theirs is None or info.num_classes is None:
+        return None
+    per_class = own.shape[0] // info.num_classes
+    return int(theirs.shape[0] // per_class) if per_class else None
+
+
+def extract_detection(cfg: DetectionConfig, progress: ProgressFn | None = None) -> DetectionResult:
+    """Run the detector over the images and write (or resume) the detection pool; never prints."""
+    from uwe_cli.models import load_model, resolve_device
+
+    _check_config(cfg)
+    items = shard_items(list_images(cfg.data), cfg.shard)
+    target = shard_target(cfg.out, cfg.shard) if cfg.shard else Path(cfg.out)
+    if cfg.shard is None and target.is_dir():
+        raise DataError(f"--out {target} is a directory; give a .parquet file (or use --shard K/N)")
+    device = resolve_device(cfg.device)
+    num_classes = cfg.num_classes
+    if (
+        num_classes is None
+        and cfg.checkpoint is not None
+        and cfg.model is not None
+        and ":" not in cfg.model
+        and not cfg.weights
+    ):
+        num_classes = _infer_num_classes(cfg.model, Path(cfg.checkpoint))
+    loaded = load_model(cfg.model, "detection", num_classes, cfg.checkpoint, cfg.weights, device)
+    module = loaded.module
+    family = detector_family(module)
+    _apply_sizes(module, family, cfg.min_size, cfg.max_size)
+    info = detector_info(module)
+    class_names = list(cfg.class_names) if cfg.class_names else loaded.class_names
+    if cfg.class_names is None and class_names is None:
+        class_names = getattr(module, "class_names", None)
+
+    fingerprint = {
+        "task": "detection",
+        "model": loaded.name,
+        "checkpoint": loaded.checkpoint_sha256,
+        "num_classes": cfg.num_classes,
+        "weights": cfg.weights,
+        "score_threshold": cfg.score_threshold,
+        "max_detections": cfg.max_detections,
+        "min_size": cfg.min_size,
+        "max_size": cfg.max_size,
+        "probs": cfg.write_probs,
+        "shard": list(cfg.shard) if cfg.shard else None,
+    }
+    writer = ResumablePoolWriter(target, fingerprint, part_rows=cfg.part_rows)
+    done = writer.done_ids()
+    todo = [item for item in items if item.id not in done]
+    total = len(items)
+    loader = _make_loader(todo, cfg.batch_size, cfg.num_workers, pin=device.type == "cuda")
+    vis_dir = Path(cfg.visualize) if cfg.visualize is not None else None
+
+    skipped: list[tuple[ImageItem, str]] = []
+    pending: list[tuple[list[ImageItem], list[ImageDetections]]] = []
+    processed = detections = empty = visualized = 0
+    meta: dict[str, Any] = {}
+    start = time.perf_counter()
+    try:
+        if progress is not None:
+            progress(len(done), total)
+        for batch in loader:
+            for index, message in batch.failures:
+                if not cfg.skip_bad_images:
+                    raise DataError(f"{message} (use --skip-bad-images to leave such files out)")
+                skipped.append((todo[index], message))
+            if batch.images is not None:
+                images = [t.to(device, non_blocking=True) for t in batch.images]
+                try:
+                    dets = detect(module, images, cfg.score_threshold, cfg.max_detections, family)
+                except UweError:
+                    raise
+                except (RuntimeError, TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+                    raise ModelError(
+                        f"detector {loaded.name} failed on a batch starting with "
+                        f"{todo[batch.indices[0]].id}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                    ) from None
+                batch_items = [todo[i] for i in batch.indices]
+                if writer.schema is None:
+                    k, d = info.num_classes, info.feature_dim
+                    for det in dets:
+                        if k is None and det.probs.dim() == 2 and det.probs.shape[1]:
+                            k = int(det.probs.shape[1])
+                        if d is None and det.features.dim() == 2 and det.features.shape[1]:
+                            d = int(det.features.shape[1])
+                    if k is not None and d is not None:
+                        meta = _metadata(cfg, loaded.name, loaded.checkpoint_sha256, info, k, d, class_names)
+                        writer.set_schema(_schema(d, k, cfg.write_probs), meta)
+                if writer.schema is None:
+                    pending.append((batch_items, dets))
+                else:
+                    for p_items, p_dets in pending:
+                        writer.write(
+                            detections_to_batch(p_items, p_dets, writer.schema, info.background_class)
+                        )
+                    pending = []
+                    writer.write(detections_to_batch(batch_items, dets, writer.schema, info.background_class))
+                for item, image, det in zip(batch_items, batch.images, dets, strict=True):
+                    detections += len(det)
+                    empty += len(det) == 0
+                    if vis_dir is not None:
+                        visualize_detections(
+                            image,
+                            det,
+                            vis_dir / f"{_safe_name(item.id)}.png",
+                            info.background_class,
+                            class_names,
+                        )
+                        visualized += 1
+                processed += len(batch_items)
+            if progress is not None:
+                progress(len(done) + processed + len(skipped), total)
+        if pending:
+            raise ModelError(
+                f"detector {loaded.name} found no box in any image and does not declare num_classes; "
+                "its probs/features sizes are unknown"
+            )
+        if not processed and not done:
+            raise DataError(f"no readable images in {cfg.data} ({len(skipped)} skipped)")
+        rows = writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise
+    seconds = time.perf_counter() - start
+    report = None
+    report_path = target.with_name(target.name.removesuffix(".parquet") + ".skipped.csv")
+    if skipped:
+        write_skip_report(report_path, skipped)
+        report = report_path
+    elif report_path.exists():
+        report_path.unlink()
+    if not meta:
+        import pyarrow.parquet as pq
+
+        from uwe_cli.pool import read_metadata
+
+        meta = read_metadata(pq.read_schema(target))
+    return DetectionResult(
+        out=target,
+        rows=rows,
+        processed=processed,
+        resumed=len(done),
+        detections=detections,
+        empty_images=empty,
+        skipped=skipped,
+        skip_report=report,
+        seconds=seconds,
+        images_per_second=processed / seconds if seconds > 0 else 0.0,
+        feature_dim=int(meta.get("feature_dim", 0)),
+        num_classes=int(meta.get("num_classes", 0)),
+        family=family,
+        device=str(device),
+        visualized=visualized,
+        metadata=meta,
+    )
+
+
+def _metadata(
+    cfg: DetectionConfig,
+    name: str,
+    sha: str | None,
+    info: DetectorInfo,
+    num_classes: int,
+    feature_dim: int,
+    class_names: Sequence[str] | None,
+) -> dict[str, Any]:
+    if class_names is not None and len(class_names) != num_classes:
+        raise ModelError(
+            f"{len(class_names)} class names given but the detector has {num_classes} class outputs"
+            + (" (background included, as index 0)" if info.background_class == 0 else "")
+        )
+    return {
+        "task": "detection",
+        "model": name,
+        "checkpoint_sha256": sha,
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "feature_dim": feature_dim,
+        "detector_family": info.family,
+        "background_class": info.background_class,
+        "score_activation": info.score_activation,
+        "probs": PROBS_DESCRIPTIONS[info.family],
+        "feature": FEATURE_DESCRIPTIONS[info.family],
+        "uncertainty": "on the foreground class distribution (background dropped, renormalised to sum 1)",
+        "score_threshold": cfg.score_threshold,
+        "max_detections": cfg.max_detections,
+        "weights": cfg.weights,
+        "uwe_version": __version__,
+    }
