@@ -228,6 +228,10 @@ def build_torchvision(name: str, task: str, num_classes: int | None, weights: st
         kwargs["weights"] = None
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
+        # Segmentation/detection builders default to downloading an ImageNet backbone; without --weights
+        # the head is untrained anyway (a --checkpoint overwrites everything), so never download it.
+        if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+            kwargs["weights_backbone"] = None
     try:
         # torch.hub announces downloads on stderr; keep the CLI's error to one line when offline.
         with contextlib.redirect_stderr(io.StringIO()):
