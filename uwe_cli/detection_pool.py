@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from uwe_cli.errors import PoolError
 from uwe_cli.pool import (
@@ -73,6 +74,13 @@ def is_detection_pool(paths: list[str | Path] | str | Path) -> bool:
     first = pool_files(paths[0])[0]
     schema = open_parquet(first).schema_arrow
     return read_metadata(schema).get("task") == "detection" or "label" in schema.names
+
+
+def _batch_rows(dim: int | None) -> int:
+    """Record-batch rows giving ~64 MB of features per batch (rows are wide: d floats each)."""
+    if not dim:
+        return 8192
+    return int(min(READ_BATCH_ROWS, max(1024, (64 << 20) // (4 * dim))))
 
 
 def _first_index(mask: np.ndarray) -> int:
@@ -171,48 +179,60 @@ def read_detection_pool(
     row = 0
     b = 0  # boxes written so far
     max_label = -1
-    for f, pf in zip(files, parquet, strict=True):
-        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+    batch_rows = _batch_rows(dim)
+    for f in files:
+        # pre_buffer=False: the default pre-buffering holds every column chunk of a row group (or
+        # more) in Arrow memory on top of our matrix, which doubled peak RSS on large pools.
+        reader = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+        for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
             n = batch.num_rows
             ids = batch.column("id")
             if ids.null_count:
-                raise PoolError(
-                    f"{f}: null id in column 'id' (row {row + _first_index(np.asarray(ids.is_null()))})"
-                )
+                first_null = row + _first_index(np.asarray(ids.is_null()))
+                raise PoolError(f"{f}: null id in column 'id' (row {first_null})")
             ids = ids.cast(pa.string())
             id_chunks.append(ids)
             if "source" in optional:
                 source_chunks.append(batch.column("source").cast(pa.string()))
             is_box = np.asarray(batch.column("label").is_valid())
-            m = int(is_box.sum())
+            pos = np.flatnonzero(is_box)
+            m = len(pos)
             if m == 0:
                 row += n
                 continue
-            pos = np.flatnonzero(is_box)
-            boxes = batch.filter(pa.array(is_box))
-            box_ids = boxes.column("id")
+            take = pa.array(pos)
 
-            def where(i: int, _f: Path = f, _ids: pa.Array = box_ids) -> str:
-                return f"{_f}: id '{_ids[i].as_py()}'"
+            def where(i: int, _f: Path = f, _ids: pa.Array = ids, _pos: np.ndarray = pos) -> str:
+                return f"{_f}: id '{_ids[int(_pos[i])].as_py()}'"
 
-            feat_col = boxes.column("feature")
-            if feat_col.null_count:
-                i = _first_index(np.asarray(feat_col.is_null()))
+            feat_col = batch.column("feature")
+            null_feature = np.asarray(feat_col.is_null())[pos]
+            if null_feature.any():
+                i = _first_index(null_feature)
                 raise PoolError(
-                    f"{where(i)} has a box (label {boxes.column('label')[i]}) with a null 'feature'"
+                    f"{where(i)} has a box (label {batch.column('label')[int(pos[i])]}) with a null 'feature'"
                 )
-            mat = list_to_matrix(feat_col, "feature", str(f))
-            if dim is None:
-                dim = mat.shape[1]
-            if mat.shape[1] != dim:
-                raise PoolError(f"{f}: feature length {mat.shape[1]} differs from {dim}")
-            bad = ~np.isfinite(mat).all(axis=1)
+            if features is None or not pa.types.is_fixed_size_list(feat_col.type):
+                mat = list_to_matrix(feat_col.take(take), "feature", str(f))
+                if dim is None:
+                    dim = mat.shape[1]
+                if mat.shape[1] != dim:
+                    raise PoolError(f"{f}: feature length {mat.shape[1]} differs from {dim}")
+                if features is None:
+                    features = np.empty((n_boxes, dim), dtype=np.float32)
+                features[b : b + m] = mat
+            else:
+                # Gather the box rows straight from the flat child values: one copy, no filtered batch.
+                flat = feat_col.values.slice(feat_col.offset * dim, n * dim).to_numpy(zero_copy_only=False)
+                if flat.dtype == np.float32:
+                    np.take(flat.reshape(n, dim), pos, axis=0, out=features[b : b + m], mode="clip")
+                else:  # float16 (or float64) features are upcast/rounded to float32
+                    features[b : b + m] = flat.reshape(n, dim)[pos]
+            bad = ~np.isfinite(features[b : b + m]).all(axis=1)
             if bad.any():
                 raise PoolError(f"{where(_first_index(bad))}: NaN or Inf in 'feature'")
-            if features is None:
-                features = np.empty((n_boxes, dim), dtype=np.float32)
 
-            unc = boxes.column(unc_col)
+            unc = batch.column(unc_col).take(take)
             if unc.null_count:
                 raise PoolError(
                     f"{where(_first_index(np.asarray(unc.is_null())))}: null '{unc_col}' on a box"
@@ -224,7 +244,7 @@ def read_detection_pool(
                 i = _first_index(values < 0)
                 raise PoolError(f"{where(i)}: negative '{unc_col}' ({values[i]})")
 
-            labels = boxes.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+            labels = batch.column("label").take(take).to_numpy(zero_copy_only=False).astype(np.int64)
             if (labels < 0).any():
                 i = _first_index(labels < 0)
                 raise PoolError(f"{where(i)}: negative 'label' ({labels[i]})")
@@ -238,10 +258,10 @@ def read_detection_pool(
             max_label = max(max_label, int(labels.max()))
 
             if box_score is not None:
-                score = boxes.column("score")
+                score = batch.column("score").take(take)
                 box_score[b : b + m] = score.fill_null(np.nan).to_numpy(zero_copy_only=False)
             if box_coords is not None:
-                coords = boxes.column("box")
+                coords = batch.column("box").take(take)
                 if coords.null_count:
                     box_coords[b : b + m] = np.nan
                     valid = np.asarray(coords.is_valid())
@@ -250,7 +270,6 @@ def read_detection_pool(
                 else:
                     box_coords[b : b + m] = list_to_matrix(coords, "box", str(f))
 
-            features[b : b + m] = mat
             box_unc[b : b + m] = values
             box_label[b : b + m] = labels
             box_row[b : b + m] = row + pos
