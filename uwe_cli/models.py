@@ -233,8 +233,8 @@ def build_torchvision(name: str, task: str, num_classes: int | None, weights: st
         if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
             kwargs["weights_backbone"] = None
     try:
-        # torch.hub announces downloads on stderr; keep the CLI's error to one line when offline.
-        with contextlib.redirect_stderr(io.StringIO()):
+        # torch.hub announces downloads on stdout (machine output there) and its progress on stderr.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             module = torchvision.models.get_model(name, **kwargs)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         if weights:
