@@ -52,6 +52,7 @@ class ClasswiseEmbedding:
     block_scale: np.ndarray  # float64 (n_blocks,): u^tau for SRC_FEATURE blocks, 1 otherwise
     block_norm2: np.ndarray  # float64 (n_blocks,): squared norm of the block
     image_norm2: np.ndarray  # float64 (n,): squared norm of the image embedding
+    class_mask: np.ndarray  # uint64 (n, ceil(K/64)): bit c set when the image has a class-c block
     features: np.ndarray  # float32 (n_boxes, d): the pool's box features (shared, not copied)
     means: np.ndarray  # float64 (n_mean_blocks, d)
     in_play: np.ndarray  # bool (n,): images whose embedding was built
@@ -68,7 +69,8 @@ class ClasswiseEmbedding:
     def nbytes(self) -> int:
         """Bytes held by the embedding itself (the shared box features excluded)."""
         arrays = (self.offsets, self.block_class, self.block_src, self.block_row, self.block_scale)
-        arrays += (self.block_norm2, self.image_norm2, self.means, self.in_play, self.image_uncertainty)
+        arrays += (self.block_norm2, self.image_norm2, self.class_mask, self.means, self.in_play)
+        arrays += (self.image_uncertainty,)
         return sum(a.nbytes for a in arrays)
 
 
@@ -193,6 +195,9 @@ def build_classwise(
     np.cumsum(np.bincount(block_image, minlength=n), out=offsets[1:])
     image_norm2 = np.zeros(n, dtype=np.float64)
     np.add.at(image_norm2, block_image, block_norm2)
+    class_mask = np.zeros((n, max(1, -(-pool.num_classes // 64))), dtype=np.uint64)
+    bits = np.left_shift(np.uint64(1), (block_class % 64).astype(np.uint64))
+    np.bitwise_or.at(class_mask, (block_image, block_class // 64), bits)
 
     return ClasswiseEmbedding(
         num_images=n,
@@ -205,6 +210,7 @@ def build_classwise(
         block_scale=block_scale,
         block_norm2=block_norm2,
         image_norm2=image_norm2,
+        class_mask=class_mask,
         features=pool.box_features,
         means=means,
         in_play=in_play,
@@ -268,8 +274,20 @@ def _block_sqdiff(features, means, src_a, row_a, s_a, src_b, row_b, s_b):  # pra
 
 
 @njit(cache=True)
-def _image_d2(a, b, offsets, bclass, bsrc, brow, bscale, bnorm2, features, means):  # pragma: no cover
-    """Squared distance of images a and b: shared classes by difference, the others by their norm²."""
+def _image_d2(
+    a, b, offsets, bclass, bsrc, brow, bscale, bnorm2, features, means, class_mask, image_norm2
+):  # pragma: no cover
+    """Squared distance of images a and b: shared classes by difference, the others by their norm².
+
+    Most image pairs share no class; the class bitmasks detect that and skip the merge.
+    """
+    shared = False
+    for w in range(class_mask.shape[1]):
+        if class_mask[a, w] & class_mask[b, w]:
+            shared = True
+            break
+    if not shared:
+        return image_norm2[a] + image_norm2[b]
     ia = offsets[a]
     ea = offsets[a + 1]
     ib = offsets[b]
@@ -312,14 +330,7 @@ def _add_centre(
     centre_dist,  # float64 scratch (>= cid+1,): ‖c − centre‖ for needed centres
     image_norm,  # float64 (n,)
     prune,
-    offsets,
-    bclass,
-    bsrc,
-    brow,
-    bscale,
-    bnorm2,
-    features,
-    means,
+    *csr,  # offsets, block_class, block_src, block_row, block_scale, block_norm2, features, means, ...
 ):  # pragma: no cover
     """Fold a new centre into min_d2 / nearest; returns how many image distances it computed."""
     m = len(cand)
@@ -338,7 +349,7 @@ def _add_centre(
                 n_needed += 1
         for q in prange(n_needed):
             j = ids[q]
-            d2 = _image_d2(c, centre_image[j], offsets, bclass, bsrc, brow, bscale, bnorm2, features, means)
+            d2 = _image_d2(c, centre_image[j], *csr)
             centre_dist[j] = math.sqrt(d2)
     computed = np.zeros(m, dtype=np.int64)
     for p in prange(m):
@@ -355,7 +366,7 @@ def _add_centre(
             slack = _ABS_MARGIN * (norm_c + norm_i + image_norm[centre_image[j]])
             if centre_dist[j] >= 2.0 * dist * (1.0 + _REL_MARGIN) + slack:
                 continue
-        d2 = _image_d2(i, c, offsets, bclass, bsrc, brow, bscale, bnorm2, features, means)
+        d2 = _image_d2(i, c, *csr)
         computed[p] = 1
         if d2 < min_d2[p]:
             min_d2[p] = d2
@@ -391,13 +402,15 @@ def classwise_kcg(
     budget: int,
     progress: Callable[[int, int], None] | None = None,
     prune: bool = True,
+    stats: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact K-Center-Greedy (Algorithm 1) on class-wise embeddings.
 
     `candidates` are image indices in ascending (pool) order, `centres` the labeled images. Returns
     the picked image indices in pick order and each pick's Euclidean distance to the nearest centre
     at pick time (its norm for the first pick when there are no centres). `prune=False` computes
-    every distance (for testing the pruning).
+    every distance (for testing the pruning); `stats`, if given, receives the number of image
+    distances computed (`distances`) and of those brute force would compute (`distances_unpruned`).
     """
     cand = _check_indices(candidates, emb, "candidates")
     centres = _check_indices(centres, emb, "labeled images")
@@ -417,6 +430,8 @@ def classwise_kcg(
         emb.block_norm2,
         emb.features,
         emb.means,
+        emb.class_mask,
+        emb.image_norm2,
     )
     image_norm = np.sqrt(emb.image_norm2)
     m = len(cand)
@@ -428,9 +443,12 @@ def classwise_kcg(
     needed = np.zeros(max(n_centres, 1), dtype=bool)
     centre_dist = np.zeros(max(n_centres, 1), dtype=np.float64)
 
+    computed = 0
+
     def add(c: int, cid: int) -> None:
+        nonlocal computed
         centre_image[cid] = c
-        _add_centre(
+        computed += _add_centre(
             c, cid, cand, active, min_d2, nearest, centre_image, needed, centre_dist, image_norm, prune, *csr
         )
 
@@ -453,4 +471,9 @@ def classwise_kcg(
             add(int(cand[p]), len(centres) + t)
         if progress is not None:
             progress(t + 1, budget)
+    if stats is not None:
+        stats["distances"] = int(computed)
+        stats["distances_unpruned"] = int(
+            len(centres) * m + max(budget - 1, 0) * m - (budget - 1) * budget // 2
+        )
     return picks, distances
