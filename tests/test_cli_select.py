@@ -102,7 +102,12 @@ def test_random_depends_on_seed(tmp_path, pool):
     ids = []
     for seed in (1, 2):
         out = tmp_path / f"r{seed}.csv"
-        assert invoke("select", path, "--budget", 20, "--strategy", "random", "--seed", seed, "--out", out).exit_code == 0
+        assert (
+            invoke(
+                "select", path, "--budget", 20, "--strategy", "random", "--seed", seed, "--out", out
+            ).exit_code
+            == 0
+        )
         ids.append([r["id"] for r in read_batch(out)])
     assert ids[0] != ids[1]
     assert len(set(ids[0])) == 20
@@ -159,7 +164,18 @@ def test_region_and_source_columns_pass_through(tmp_path, rng):
     out = tmp_path / "b.csv"
     assert invoke("select", path, "--budget", 3, "--out", out).exit_code == 0
     rows = read_batch(out)
-    assert list(rows[0]) == ["rank", "id", "uncertainty", "distance", "source", "image_id", "x", "y", "width", "height"]
+    assert list(rows[0]) == [
+        "rank",
+        "id",
+        "uncertainty",
+        "distance",
+        "source",
+        "image_id",
+        "x",
+        "y",
+        "width",
+        "height",
+    ]
     i = int(rows[0]["id"][1:])
     assert rows[0]["image_id"] == f"{i // 4}.png" and rows[0]["x"] == str((i % 2) * 64)
 
@@ -167,11 +183,13 @@ def test_region_and_source_columns_pass_through(tmp_path, rng):
 def test_list_features_float16_and_other_uncertainty_column(tmp_path, rng):
     n, d = 50, 6
     F = rng.random((n, d)).astype(np.float16)
-    table = pa.table({
-        "id": pa.array([f"a{i}" for i in range(n)]),
-        "feature": pa.array([list(r) for r in F], type=pa.list_(pa.float16())),
-        "my_score": pa.array(rng.random(n)),
-    })
+    table = pa.table(
+        {
+            "id": pa.array([f"a{i}" for i in range(n)]),
+            "feature": pa.array([list(r) for r in F], type=pa.list_(pa.float16())),
+            "my_score": pa.array(rng.random(n)),
+        }
+    )
     path = tmp_path / "p.parquet"
     pq.write_table(table, path)
     out = tmp_path / "b.csv"
@@ -210,11 +228,21 @@ def _bad_pools(tmp_path: Path, rng) -> dict[str, tuple[list[str], str]]:
     no_feat = tmp_path / "nofeat.parquet"
     pq.write_table(pa.table({"id": pa.array([str(i) for i in range(10)]), "entropy": pa.array(u)}), no_feat)
     cases["no feature"] = ([str(no_feat)], "no 'feature' column")
-    cases["uncertainty absent"] = ([pool("unc"), "--uncertainty", "bvsb"], "uncertainty column 'bvsb' not found")
+    cases["uncertainty absent"] = (
+        [pool("unc"), "--uncertainty", "bvsb"],
+        "uncertainty column 'bvsb' not found",
+    )
     mixed = tmp_path / "mixed.parquet"
-    pq.write_table(pa.table({
-        "id": pa.array(["a", "b"]), "feature": pa.array([[1.0, 2.0], [1.0]], pa.list_(pa.float32())),
-        "entropy": pa.array([0.1, 0.2])}), mixed)
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(["a", "b"]),
+                "feature": pa.array([[1.0, 2.0], [1.0]], pa.list_(pa.float32())),
+                "entropy": pa.array([0.1, 0.2]),
+            }
+        ),
+        mixed,
+    )
     cases["mixed lengths"] = ([str(mixed)], "feature lengths differ")
     F_nan = F.copy()
     F_nan[4, 1] = np.nan
@@ -225,7 +253,10 @@ def _bad_pools(tmp_path: Path, rng) -> dict[str, tuple[list[str], str]]:
     u_neg = u.copy()
     u_neg[3] = -0.5
     cases["negative uncertainty"] = ([pool("negu", u=u_neg)], "negative 'entropy'")
-    cases["duplicate ids"] = ([pool("dup", ids=[f"x{i % 9}" for i in range(10)])], "duplicate id in pool: 'x0'")
+    cases["duplicate ids"] = (
+        [pool("dup", ids=[f"x{i % 9}" for i in range(10)])],
+        "duplicate id in pool: 'x0'",
+    )
     empty = tmp_path / "empty.parquet"
     write_pool(empty, np.zeros((0, 3), np.float32), np.zeros(0))
     cases["empty pool"] = ([str(empty)], "pool is empty")
@@ -235,7 +266,10 @@ def _bad_pools(tmp_path: Path, rng) -> dict[str, tuple[list[str], str]]:
     cases["badge without probs"] = ([ok, "--strategy", "badge"], "no 'probs' column")
     cases["unknown strategy"] = ([ok, "--strategy", "magic"], "unknown strategy 'magic'")
     cases["negative tau"] = ([ok, "--tau", "-1"], "--tau must be")
-    cases["labeled file missing"] = ([ok, "--labeled", str(tmp_path / "none.txt")], "--labeled file not found")
+    cases["labeled file missing"] = (
+        [ok, "--labeled", str(tmp_path / "none.txt")],
+        "--labeled file not found",
+    )
     cases["memory limit"] = ([ok, "--max-memory", "10"], "pool needs about")
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("name,score\na,1\n")
@@ -270,7 +304,63 @@ def test_inspect(pool):
     info = json.loads(r.stdout)
     assert info["rows"] == 300 and info["feature_dim"] == 16 and info["task"] == "classification"
     assert info["uncertainty"]["entropy"]["max"] == pytest.approx(float(u.max()))
-    assert info["uncertainty"]["entropy"]["mean"] == pytest.approx(float(u.astype(np.float64).mean()), rel=1e-6)
+    assert info["uncertainty"]["entropy"]["mean"] == pytest.approx(
+        float(u.astype(np.float64).mean()), rel=1e-6
+    )
     r = invoke("inspect", path)
     assert r.exit_code == 0 and "entropy" in r.stdout
     assert invoke("inspect", Path("/nonexistent.parquet")).exit_code == 2
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_detection_pool_select_equals_dense_reference(tmp_path, rng, aggregate):
+    """Class-wise UWE (Eq. 9 / A.2) built densely by hand here; `uwe select` must give the same order."""
+    n_img, K, d = 40, 3, 4
+    ids, labels, feats, unc = [], [], [], []
+    for i in range(n_img):
+        for _ in range(int(rng.integers(0, 4))):
+            ids.append(f"im{i:03d}")
+            labels.append(int(rng.integers(0, K)))
+            feats.append(rng.random(d))
+            unc.append(float(rng.random()))
+        if not ids or ids[-1] != f"im{i:03d}":
+            ids.append(f"im{i:03d}")
+            labels.append(None)
+            feats.append(None)
+            unc.append(None)
+    table = pa.table({
+        "id": pa.array(ids),
+        "label": pa.array(labels, pa.int32()),
+        "score": pa.array([0.5] * len(ids), pa.float32()),
+        "box": pa.array([[0.0, 0.0, 1.0, 1.0]] * len(ids), pa.list_(pa.float32(), 4)),
+        "bvsb": pa.array(unc, pa.float32()),
+        "feature": pa.array([None if f is None else list(f) for f in feats], pa.list_(pa.float32(), d)),
+    })
+    path = tmp_path / "det.parquet"
+    pq.write_table(table.replace_schema_metadata({b"uwe": json.dumps({"task": "detection", "num_classes": K})}), path)
+    labeled = tmp_path / "lab.txt"
+    labeled.write_text("im000\nim005\n")
+    out = tmp_path / "b.csv"
+    r = invoke("select", path, "--budget", 8, "--aggregate", aggregate, "--labeled", labeled, "--out", out)
+    assert r.exit_code == 0, r.output
+
+    u_raw = np.array([np.nan if v is None else np.float32(v) for v in unc], dtype=np.float64)
+    u = (u_raw - np.nanmin(u_raw)) / (np.nanmax(u_raw) - np.nanmin(u_raw))
+    E = np.zeros((n_img, K * d))
+    for k in range(K):
+        for i in range(n_img):
+            rows = [j for j in range(len(ids)) if ids[j] == f"im{i:03d}" and labels[j] == k]
+            if not rows:
+                continue
+            embs = [u[j] * np.asarray(feats[j], dtype=np.float32).astype(np.float64) for j in rows]
+            if aggregate == "max":
+                best = max(rows, key=lambda j: (u[j], -j))
+                E[i, k * d : (k + 1) * d] = u[best] * np.asarray(feats[best], np.float32).astype(np.float64)
+            else:
+                E[i, k * d : (k + 1) * d] = np.mean(embs, axis=0)
+    lab = np.array([0, 5])
+    cand = np.setdiff1d(np.arange(n_img), lab)
+    picks, dists = kcg_reference(E, cand, lab, 8)
+    got = read_batch(out)
+    assert [row["id"] for row in got] == [f"im{i:03d}" for i in cand[picks]]
+    np.testing.assert_allclose([float(row["distance"]) for row in got], dists, rtol=1e-9)

@@ -107,7 +107,7 @@ def run_select(
     labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
     exclude_ids = read_id_file(exclude, "--exclude") if exclude else []
 
-    from uwe_cli.detection_select import is_detection_pool
+    from uwe_cli.detection_pool import is_detection_pool
 
     if any(is_detection_pool(p) for p in paths):
         from uwe_cli.detection_select import run_detection_select
