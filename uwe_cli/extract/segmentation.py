@@ -18,6 +18,7 @@ final classifier. Everything below exists to compute exactly those two means che
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -584,8 +585,12 @@ class SegmentationRunner:
         self.requested_layer = feature_layer
         self.hook: FeatureHook | None = None
         self.layer_name = ""
-        if num_classes is not None or feature_layer:
-            self._attach(num_classes or 0)
+        if feature_layer:
+            self._attach(num_classes or 0)  # a missing name fails before any image is read
+        elif num_classes is not None:
+            # Not found: decided after the first forward pass, which may explain better (K mismatch).
+            with contextlib.suppress(ModelError):
+                self._attach(num_classes)
 
     def _attach(self, num_classes: int) -> None:
         name, module = find_feature_layer(self.loaded.module, num_classes, self.requested_layer)
@@ -605,7 +610,7 @@ class SegmentationRunner:
         if logits.shape[0] != images.shape[0]:
             raise ModelError(f"model returned {logits.shape[0]} outputs for {images.shape[0]} images")
         if self.hook is None:
-            # K was unknown: learn it from this output, hook the classifier and run the batch again.
+            # K was unknown (or its classifier not found yet): hook the classifier, run the batch again.
             self.num_classes = int(logits.shape[1])
             self._attach(self.num_classes)
             return self.forward(images)
