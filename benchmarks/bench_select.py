@@ -48,8 +48,19 @@ def ensure_pool(rows: int, dim: int) -> Path:
 
 
 def run_uwe(pool: Path, labeled: Path | None, budget: int, out: Path) -> tuple[float, float, dict]:
-    cmd = [sys.executable, "-m", "uwe_cli.cli", "select", str(pool), "--budget", str(budget),
-           "--out", str(out), "--json", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uwe_cli.cli",
+        "select",
+        str(pool),
+        "--budget",
+        str(budget),
+        "--out",
+        str(out),
+        "--json",
+        "--quiet",
+    ]
     if labeled is not None:
         cmd += ["--labeled", str(labeled)]
     t = time.perf_counter()
@@ -87,8 +98,10 @@ def main() -> None:
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     print(f"machine: {os.cpu_count()} cores; numpy {np.__version__}")
-    header = f"{'case':>6} {'rows×dim':>13} {'labeled':>7} {'budget':>6} {'uwe s':>8} {'naive s':>10} " \
-             f"{'speed-up':>8} {'peak RSS':>9} {'matrix':>8} {'RSS/matrix':>10} {'order':>18}"
+    header = (
+        f"{'case':>6} {'rows×dim':>13} {'labeled':>7} {'budget':>6} {'uwe s':>8} {'naive s':>10} "
+        f"{'speed-up':>8} {'peak RSS':>9} {'matrix':>8} {'RSS/matrix':>10} {'order':>18}"
+    )
     lines = []
     for name in args.cases:
         rows, dim, n_lab, budget, naive_picks = CASES[name]
@@ -111,17 +124,19 @@ def main() -> None:
             naive_s = t_first + per_pick * (budget - 1)
             ref_ids = ids.take(ref_rows).to_pylist()
             same = got[:k] == ref_ids
-            order = f"{'identical' if same else 'DIFFERENT'} ({k})" if naive_picks else (
-                "identical (all)" if same else "DIFFERENT")
-            if naive_picks:
-                naive_s_label = f"{naive_s:.0f}*"
-            else:
-                naive_s_label = f"{naive_s:.1f}"
+            order = (
+                f"{'identical' if same else 'DIFFERENT'} ({k})"
+                if naive_picks
+                else ("identical (all)" if same else "DIFFERENT")
+            )
+            naive_s_label = f"{naive_s:.0f}*" if naive_picks else f"{naive_s:.1f}"
         else:
             naive_s_label = "-"
-        line = (f"{name:>6} {f'{rows:,}×{dim}':>13} {n_lab:>7,} {budget:>6,} {seconds:>8.1f} {naive_s_label:>10} "
-                f"{(naive_s / seconds if naive_s == naive_s else float('nan')):>7.1f}× "
-                f"{rss / 2**30:>7.2f}G {matrix / 2**30:>6.2f}G {rss / matrix:>10.2f} {order:>18}")
+        line = (
+            f"{name:>6} {f'{rows:,}×{dim}':>13} {n_lab:>7,} {budget:>6,} {seconds:>8.1f} {naive_s_label:>10} "
+            f"{(naive_s / seconds if naive_s == naive_s else float('nan')):>7.1f}× "
+            f"{rss / 2**30:>7.2f}G {matrix / 2**30:>6.2f}G {rss / matrix:>10.2f} {order:>18}"
+        )
         print(header)
         print(line, flush=True)
         print(f"  skipped distance work: {summary.get('skipped_distance_fraction'):.4f}", flush=True)

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import fixed_list, write_pool
+from reference import dense_embeddings, kcg_reference, minmax
 from typer.testing import CliRunner
 
-from reference import dense_embeddings, kcg_reference, minmax
 from uwe_cli.cli import app
 from uwe_cli.select import run_select
 
@@ -328,16 +328,20 @@ def test_detection_pool_select_equals_dense_reference(tmp_path, rng, aggregate):
             labels.append(None)
             feats.append(None)
             unc.append(None)
-    table = pa.table({
-        "id": pa.array(ids),
-        "label": pa.array(labels, pa.int32()),
-        "score": pa.array([0.5] * len(ids), pa.float32()),
-        "box": pa.array([[0.0, 0.0, 1.0, 1.0]] * len(ids), pa.list_(pa.float32(), 4)),
-        "bvsb": pa.array(unc, pa.float32()),
-        "feature": pa.array([None if f is None else list(f) for f in feats], pa.list_(pa.float32(), d)),
-    })
+    table = pa.table(
+        {
+            "id": pa.array(ids),
+            "label": pa.array(labels, pa.int32()),
+            "score": pa.array([0.5] * len(ids), pa.float32()),
+            "box": pa.array([[0.0, 0.0, 1.0, 1.0]] * len(ids), pa.list_(pa.float32(), 4)),
+            "bvsb": pa.array(unc, pa.float32()),
+            "feature": pa.array([None if f is None else list(f) for f in feats], pa.list_(pa.float32(), d)),
+        }
+    )
     path = tmp_path / "det.parquet"
-    pq.write_table(table.replace_schema_metadata({b"uwe": json.dumps({"task": "detection", "num_classes": K})}), path)
+    pq.write_table(
+        table.replace_schema_metadata({b"uwe": json.dumps({"task": "detection", "num_classes": K})}), path
+    )
     labeled = tmp_path / "lab.txt"
     labeled.write_text("im000\nim005\n")
     out = tmp_path / "b.csv"

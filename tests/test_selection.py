@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from reference import dense_embeddings, kcg_reference, kmeanspp_reference
+
 from uwe_cli.embedding import normalize_uncertainty, uwe_weights
 from uwe_cli.selection import engine
 from uwe_cli.selection.engine import CentreTracker, as_weights, k_center_greedy, k_center_greedy_naive
@@ -16,7 +16,9 @@ from uwe_cli.selection.strategies import badge_weights, kmeanspp_seeding
 
 def clustered(rng, n, d, k=6):
     centres = rng.gamma(2.0, 1.0, size=(k, d))
-    return np.maximum(centres[rng.integers(0, k, n)] + 0.4 * rng.standard_normal((n, d)), 0).astype(np.float32)
+    return np.maximum(centres[rng.integers(0, k, n)] + 0.4 * rng.standard_normal((n, d)), 0).astype(
+        np.float32
+    )
 
 
 def split(rng, n, n_labeled):
@@ -25,10 +27,10 @@ def split(rng, n, n_labeled):
 
 
 ENGINES = {
-    "pruned": lambda F, w, c, l, b: k_center_greedy(F, w, c, l, b, prune=True),
-    "unpruned": lambda F, w, c, l, b: k_center_greedy(F, w, c, l, b, prune=False),
-    "no-faiss": lambda F, w, c, l, b: k_center_greedy(F, w, c, l, b, use_faiss=False),
-    "naive": lambda F, w, c, l, b: k_center_greedy_naive(F, w, c, l, b, chunk_rows=97),
+    "pruned": lambda F, w, c, lab, b: k_center_greedy(F, w, c, lab, b, prune=True),
+    "unpruned": lambda F, w, c, lab, b: k_center_greedy(F, w, c, lab, b, prune=False),
+    "no-faiss": lambda F, w, c, lab, b: k_center_greedy(F, w, c, lab, b, use_faiss=False),
+    "naive": lambda F, w, c, lab, b: k_center_greedy_naive(F, w, c, lab, b, chunk_rows=97),
 }
 
 
@@ -177,7 +179,9 @@ def test_badge_equals_dense_gradient_embedding_reference(rng):
     probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
     G = badge_weights(probs)
     onehot = np.eye(k)[probs.argmax(1)]
-    dense = ((probs.astype(np.float64) - onehot)[:, :, None] * F.astype(np.float64)[:, None, :]).reshape(n, -1)
+    dense = ((probs.astype(np.float64) - onehot)[:, :, None] * F.astype(np.float64)[:, None, :]).reshape(
+        n, -1
+    )
     cand, lab = split(rng, n, 0)
     got = kmeanspp_seeding(F, G, cand, lab, 25, seed=3)
     np.testing.assert_array_equal(got, kmeanspp_reference(dense, cand, lab, 25, seed=3))

@@ -27,7 +27,8 @@ def describe_pool(path: str | Path) -> dict[str, Any]:
         first = parquet[0].read_row_group(0, columns=["feature"]).column(0).drop_null()
         dim = len(first[0].as_py()) if len(first) else None
     stat_cols = [
-        f.name for f in schema
+        f.name
+        for f in schema
         if f.name not in _SKIP and (pa.types.is_floating(f.type) or f.name in UNCERTAINTY_COLUMNS)
     ]
     stats: dict[str, dict[str, float | int]] = {}

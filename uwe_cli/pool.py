@@ -100,7 +100,9 @@ def list_to_matrix(arr: pa.Array, what: str, where: str) -> np.ndarray:
         d = int(lengths[0]) if n else 0
         if n and (lengths != d).any():
             bad = int(np.flatnonzero(lengths != d)[0])
-            raise PoolError(f"{where}: {what} lengths differ ({d} at row 0, {int(lengths[bad])} at row {bad})")
+            raise PoolError(
+                f"{where}: {what} lengths differ ({d} at row 0, {int(lengths[bad])} at row {bad})"
+            )
     values = arr.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(n, d)
 
@@ -186,7 +188,7 @@ def read_pool(
     unc_col: str | None = None
     dim: int | None = None
     present_extra: list[str] | None = None
-    for f, pf in zip(files, parquet):
+    for f, pf in zip(files, parquet, strict=True):
         schema = pf.schema_arrow
         names = schema.names
         for col in ("id", "feature"):
@@ -232,7 +234,7 @@ def read_pool(
     columns += list(extra_chunks)
 
     row = 0
-    for f, pf in zip(files, parquet):
+    for f, pf in zip(files, parquet, strict=True):
         for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
             n = batch.num_rows
             where = f"{f}, rows {row}-{row + n - 1}"

@@ -113,12 +113,25 @@ def run_select(
         from uwe_cli.detection_select import run_detection_select
 
         return run_detection_select(
-            paths, budget, strategy, uncertainty, tau, normalize, labeled_ids, exclude_ids, aggregate,
-            seed, prune, progress, started,
+            paths,
+            budget,
+            strategy,
+            uncertainty,
+            tau,
+            normalize,
+            labeled_ids,
+            exclude_ids,
+            aggregate,
+            seed,
+            prune,
+            progress,
+            started,
         )
 
     check_memory(paths, max_memory)
-    pool = read_pool(paths, uncertainty, need_uncertainty=strat.needs_uncertainty, need_probs=strat.needs_probs)
+    pool = read_pool(
+        paths, uncertainty, need_uncertainty=strat.needs_uncertainty, need_probs=strat.needs_probs
+    )
     if uncertainty not in (None, "", "auto") and not strat.needs_uncertainty and pool.uncertainty is None:
         pool = read_pool(paths, uncertainty, need_uncertainty=True, need_probs=strat.needs_probs)
     return _select_units(

@@ -74,8 +74,15 @@ def write_unit_pool(
 ) -> Path:
     """Write a synthetic pool in row groups (memory stays at one chunk), atomically."""
     path = Path(path)
-    meta = encode_metadata({"task": "classification", "num_classes": num_classes, "feature_dim": dim,
-                            "model": "synthetic", "generator_seed": seed})
+    meta = encode_metadata(
+        {
+            "task": "classification",
+            "num_classes": num_classes,
+            "feature_dim": dim,
+            "model": "synthetic",
+            "generator_seed": seed,
+        }
+    )
     with atomic_path(path) as tmp:
         writer = None
         for start in range(0, n, chunk_rows):

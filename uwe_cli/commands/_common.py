@@ -39,7 +39,9 @@ def cli_errors() -> Iterator[None]:
     except Exception as exc:
         if config.DEBUG:
             traceback.print_exc(file=sys.stderr)
-        raise fail(f"unexpected {type(exc).__name__}: {exc} (set UWE_DEBUG=1 for the full traceback)", 1) from None
+        raise fail(
+            f"unexpected {type(exc).__name__}: {exc} (set UWE_DEBUG=1 for the full traceback)", 1
+        ) from None
 
 
 def warn(message: str) -> None:

@@ -15,16 +15,21 @@ def select(
     pools: list[Path] = typer.Argument(..., help="Parquet pool file(s) or directories of parts."),
     budget: int = typer.Option(..., "--budget", "-b", help="How many units to select."),
     out: str = typer.Option(..., "--out", "-o", help="Batch CSV to write, or '-' for stdout."),
-    labeled: Path | None = typer.Option(None, help="Already labeled IDs: CSV with an 'id' column or one ID per line."),
+    labeled: Path | None = typer.Option(
+        None, help="Already labeled IDs: CSV with an 'id' column or one ID per line."
+    ),
     exclude: Path | None = typer.Option(None, help="IDs never to select (same formats as --labeled)."),
     strategy: str = typer.Option("uwe", help="uwe | coreset | uncertainty | random | kmeanspp | badge."),
     uncertainty: str = typer.Option(
-        "auto", help="Uncertainty column: entropy | bvsb | least_confidence | any float column (auto: entropy, "
-        "then bvsb, then least_confidence; bvsb for detection pools)."
+        "auto",
+        help="Uncertainty column: entropy | bvsb | least_confidence | any float column (auto: entropy, "
+        "then bvsb, then least_confidence; bvsb for detection pools).",
     ),
     tau: float = typer.Option(1.0, help="Power on the uncertainty: uwe = u^tau · f (0 = CoreSet)."),
     normalize: str = typer.Option("minmax", help="minmax (over labeled + candidates) | none."),
-    aggregate: str = typer.Option("max", help="Detection pools: per class the max-uncertainty box, or the mean."),
+    aggregate: str = typer.Option(
+        "max", help="Detection pools: per class the max-uncertainty box, or the mean."
+    ),
     seed: int = typer.Option(0, help="Seed for random, kmeanspp and badge."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     max_memory: str | None = typer.Option(None, help="Refuse pools needing more memory than this (e.g. 8G)."),
@@ -41,9 +46,19 @@ def select(
         limit = parse_memory(max_memory) if max_memory else None
         with progress_callback("selecting", show_progress(quiet)) as progress:
             result = run_select(
-                pools, budget, strategy=strategy, uncertainty=uncertainty, tau=tau, normalize=normalize,
-                labeled=labeled, exclude=exclude, aggregate=aggregate, seed=seed, device=device,
-                max_memory=limit, progress=progress,
+                pools,
+                budget,
+                strategy=strategy,
+                uncertainty=uncertainty,
+                tau=tau,
+                normalize=normalize,
+                labeled=labeled,
+                exclude=exclude,
+                aggregate=aggregate,
+                seed=seed,
+                device=device,
+                max_memory=limit,
+                progress=progress,
             )
         for message in result.warnings:
             warn(message)
@@ -63,15 +78,19 @@ def _print_summary(result) -> None:
     from rich.table import Table
 
     s = result.summary
-    table = Table(title=f"uwe select: {s['strategy']}, {len(result.batch)} of {s['candidates']:,} candidates",
-                  title_justify="left")
+    table = Table(
+        title=f"uwe select: {s['strategy']}, {len(result.batch)} of {s['candidates']:,} candidates",
+        title_justify="left",
+    )
     for col in ("rank", "id", "uncertainty", "distance"):
         table.add_column(col, overflow="fold")
     batch = result.batch
     shown = list(range(min(10, len(batch))))
     for i in shown:
         u, d = batch.uncertainty[i], batch.distance[i]
-        table.add_row(str(i + 1), batch.ids[i], "" if u is None else f"{u:.4f}", "" if d is None else f"{d:.4f}")
+        table.add_row(
+            str(i + 1), batch.ids[i], "" if u is None else f"{u:.4f}", "" if d is None else f"{d:.4f}"
+        )
     if len(batch) > len(shown):
         table.add_row("…", f"{len(batch) - len(shown)} more in {s['out']}", "", "")
     stderr.print(table)

@@ -119,8 +119,16 @@ class CentreTracker:
             near = np.empty(q.shape[0], dtype=np.int32)
             unsure = np.zeros(q.shape[0], dtype=np.bool_)
             kern.refine_knn(
-                self.G, self.F, self.cand[sl], rows, idx.astype(np.int64), sq32.astype(np.float64), tol,
-                D, near, unsure,
+                self.G,
+                self.F,
+                self.cand[sl],
+                rows,
+                idx.astype(np.int64),
+                sq32.astype(np.float64),
+                tol,
+                D,
+                near,
+                unsure,
             )
             self.D[sl] = D
             self.near[sl] = near
@@ -184,7 +192,6 @@ def k_center_greedy(
     positions = np.empty(budget, dtype=np.int64)
     distances = np.empty(budget, dtype=np.float64)
     step = max(1, budget // 200)
-    b = 0
     if centres.size:
         tracker.init_centres(centres, use_faiss=use_faiss)
     elif budget:
@@ -194,8 +201,8 @@ def k_center_greedy(
         tracker.take(t)
         if budget > 1:
             tracker.add(int(candidates[t]))
-        b = 1
-    for b in range(b, budget):
+    first = 1 if (budget and not centres.size) else 0
+    for b in range(first, budget):
         t = int(np.argmax(tracker.D))
         positions[b], distances[b] = t, np.sqrt(tracker.D[t])
         tracker.take(t)
@@ -241,8 +248,12 @@ def k_center_greedy_naive(
     for b in range(budget):
         if b == 0 and not len(centres):
             norms = np.concatenate(
-                [np.einsum("ij,ij->i", e, e) for e in (emb(candidates[s : s + chunk_rows])
-                 for s in range(0, candidates.size, chunk_rows))]
+                [
+                    np.einsum("ij,ij->i", e, e)
+                    for e in (
+                        emb(candidates[s : s + chunk_rows]) for s in range(0, candidates.size, chunk_rows)
+                    )
+                ]
             )
             t = int(np.argmax(norms))
             dist = float(np.sqrt(norms[t]))
