@@ -29,6 +29,7 @@ from uwe_cli.models import unwrap_state_dict
 from uwe_cli.pool import read_pool
 from uwe_cli.uncertainty import bald, bvsb, entropy, least_confidence
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SIZE = 32
 K = 4
@@ -38,7 +39,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("imgs") / "data"
-    write_images(folder, n=10)
+    write_images(folder, n=6)
     return folder
 
 
@@ -119,7 +120,7 @@ def test_uncertainty_matches_numpy_for_vectors_and_maps() -> None:
 def test_directory_listing_ids_and_modes(images: Path) -> None:
     items = list_images(images)
     ids = [i.id for i in items]
-    assert ids == sorted(ids) and len(ids) == 10
+    assert ids == sorted(ids) and len(ids) == 6
     assert any(i.startswith("sub/") for i in ids)
     for item in items:
         img = load_image(item.path)
@@ -142,7 +143,7 @@ def test_shards_are_disjoint_and_cover() -> None:
 def test_pool_equals_direct_forward(images: Path, resnet: torch.nn.Module, resnet_ckpt: Path, tmp_path: Path):
     out = tmp_path / "pool.parquet"
     result = extract_classification(cfg(images, out, checkpoints=[resnet_ckpt], num_classes=K))
-    assert result.rows == 10 and result.feature_dim == 512 and result.num_classes == K
+    assert result.rows == 6 and result.feature_dim == 512 and result.num_classes == K
     table = load(out)
     ids = table.column("id").to_pylist()
     assert ids == [i.id for i in list_images(images)]
@@ -249,7 +250,7 @@ def test_user_factory_and_feature_layer(
     np.testing.assert_allclose(column_matrix(load(out2), "feature"), feats2, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small"])
 def test_other_architectures_take_last_linear_input(name: str, images: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = torchvision.models.get_model(name, weights=None, num_classes=K).eval()
@@ -308,9 +309,9 @@ def test_mc_dropout(images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet"])
 def test_manifest(suffix: str, images: Path, resnet: torch.nn.Module, resnet_ckpt: Path, tmp_path: Path):
-    items = list_images(images)[:5]
+    items = list_images(images)[:4]
     manifest = images.parent / f"manifest.{suffix}"
-    table = pa.table({"id": [f"m{i}" for i in range(5)], "path": [f"data/{it.id}" for it in items]})
+    table = pa.table({"id": [f"m{i}" for i in range(4)], "path": [f"data/{it.id}" for it in items]})
     if suffix == "csv":
         manifest.write_text("id,path\n" + "".join(f"m{i},data/{it.id}\n" for i, it in enumerate(items)))
     else:
@@ -318,7 +319,7 @@ def test_manifest(suffix: str, images: Path, resnet: torch.nn.Module, resnet_ckp
     out = tmp_path / "pool.parquet"
     extract_classification(cfg(images.parent / manifest.name, out, checkpoints=[resnet_ckpt]))
     got = load(out)
-    assert got.column("id").to_pylist() == [f"m{i}" for i in range(5)]
+    assert got.column("id").to_pylist() == [f"m{i}" for i in range(4)]
     feats, _ = direct(resnet, images, [it.id for it in items])
     np.testing.assert_allclose(column_matrix(got, "feature"), feats, rtol=1e-4, atol=1e-5)
 
@@ -345,12 +346,12 @@ def test_resume_after_kill_has_every_image_once(images: Path, resnet_ckpt: Path,
     out = tmp_path / "pool.parquet"
     config = cfg(images, out, checkpoints=[resnet_ckpt], batch_size=2, part_rows=2)
     with pytest.raises(Killed):
-        extract_classification(config, progress=kill_after(3))
+        extract_classification(config, progress=kill_after(2))
     assert not out.exists()
     parts = list((tmp_path / ".pool.parquet.parts").glob("part-*.parquet"))
-    assert len(parts) == 3
+    assert len(parts) == 2
     result = extract_classification(config)
-    assert result.resumed == 6 and result.processed == 4 and result.rows == 10
+    assert result.resumed == 4 and result.processed == 2 and result.rows == 6
     assert not (tmp_path / ".pool.parquet.parts").exists()
     resumed = load(out)
     fresh_path = tmp_path / "fresh.parquet"
@@ -515,7 +516,7 @@ def test_cli_extract_then_select(images: Path, resnet_ckpt: Path, tmp_path: Path
         "--std", "0.25,0.25,0.25", "--batch-size", "3", "--num-workers", "1", "--class-names", str(names),
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "wrote 10 rows" in r.output
+    assert "wrote 6 rows" in r.output
     pool = read_pool(out)
     assert pool.metadata["class_names"] == ["a", "b", "c", "d"]
     batch = tmp_path / "batch.csv"
