@@ -7,7 +7,7 @@ OUT=demo-out
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-python examples/make_digits.py --out "$OUT" --labeled 100 --seconds 5
+python examples/make_digits.py --out "$OUT" --labeled 100 --epochs 15
 
 # examples/ on PYTHONPATH makes the user architecture importable as tiny_net:tiny_cnn.
 PYTHONPATH="examples${PYTHONPATH:+:$PYTHONPATH}" uwe extract classification \
