@@ -185,3 +185,65 @@ def test_badge_equals_dense_gradient_embedding_reference(rng):
     cand, lab = split(rng, n, 0)
     got = kmeanspp_seeding(F, G, cand, lab, 25, seed=3)
     np.testing.assert_array_equal(got, kmeanspp_reference(dense, cand, lab, 25, seed=3))
+
+
+TORCH_ENGINES = {
+    "torch-cpu-pruned": lambda F, w, c, lab, b: k_center_greedy(F, w, c, lab, b, backend="torch"),
+    "torch-cpu-unpruned": lambda F, w, c, lab, b: k_center_greedy(F, w, c, lab, b, backend="torch", prune=False),
+}
+
+
+@pytest.mark.parametrize("engine_name", list(TORCH_ENGINES))
+@pytest.mark.parametrize("n_labeled", [0, 30])
+def test_torch_backend_equals_reference(rng, engine_name, n_labeled):
+    F = clustered(rng, 500, 16)
+    w = uwe_weights(normalize_uncertainty(rng.random(500), None, "minmax"), 1.0)
+    cand, lab = split(rng, 500, n_labeled)
+    ref_picks, ref_dist = kcg_reference(dense_embeddings(F, w), cand, lab, 40)
+    res = TORCH_ENGINES[engine_name](F, w, cand, lab, 40)
+    np.testing.assert_array_equal(res.positions, ref_picks)
+    np.testing.assert_allclose(res.distances, ref_dist, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_labeled", [0, 25])
+def test_torch_backend_adversarial(n_labeled):
+    rng = np.random.default_rng(11)
+    for name, F, u in adversarial_pools(rng):
+        cand, lab = split(rng, F.shape[0], n_labeled)
+        w = uwe_weights(normalize_uncertainty(u, None, "minmax"), 1.0)
+        ref_picks, _ = kcg_reference(dense_embeddings(F, w), cand, lab, 50)
+        got = k_center_greedy(F, w, cand, lab, 50, backend="torch")
+        np.testing.assert_array_equal(got.positions, ref_picks, err_msg=name)
+
+
+@pytest.mark.cuda
+def test_torch_cuda_backend_equals_cpu(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    F = clustered(rng, 2000, 32)
+    w = rng.random(2000)
+    cand, lab = split(rng, 2000, 50)
+    cpu = k_center_greedy(F, w, cand, lab, 100)
+    gpu = k_center_greedy(F, w, cand, lab, 100, backend="torch", device="cuda")
+    np.testing.assert_array_equal(cpu.positions, gpu.positions)
+
+
+def test_cuda_request_without_device_is_a_clear_error(rng):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from uwe_cli.errors import ResourceError
+
+    F = clustered(rng, 50, 4)
+    with pytest.raises(ResourceError, match="no CUDA device"):
+        k_center_greedy(F, None, np.arange(50), np.empty(0, np.int64), 3, backend="torch", device="cuda")
+
+
+def test_kmeanspp_torch_backend_equals_numba(rng):
+    F = clustered(rng, 300, 8)
+    G = as_weights(rng.random(300), 300)
+    cand, lab = split(rng, 300, 10)
+    a = kmeanspp_seeding(F, G, cand, lab, 20, seed=5)
+    b = kmeanspp_seeding(F, G, cand, lab, 20, seed=5, backend="torch")
+    np.testing.assert_array_equal(a, b)

@@ -50,16 +50,19 @@ def available_memory() -> int | None:
     return None
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str) -> tuple[str, str]:
+    """(backend, device): the numba CPU engine, or the torch engine on CUDA (auto picks CUDA when present)."""
     if device not in DEVICES:
         raise SelectionError(f"unknown --device '{device}' (choose from {', '.join(DEVICES)})")
-    if device == "cuda":
-        import torch
+    if device == "cpu":
+        return "numba", "cpu"
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ResourceError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    # The exact engine runs on the CPU; CUDA is used by the extractors. See README "Devices".
-    return "cpu"
+    if torch.cuda.is_available():
+        return "torch", "cuda"
+    if device == "cuda":
+        raise ResourceError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return "numba", "cpu"
 
 
 def check_memory(paths: list[Path], max_memory: int | None) -> int:
@@ -100,7 +103,7 @@ def run_select(
         raise SelectionError(f"unknown --aggregate '{aggregate}' (choose from max, mean)")
     if not np.isfinite(tau) or tau < 0:
         raise SelectionError(f"--tau must be a finite number >= 0, got {tau}")
-    resolve_device(device)
+    backend, device = resolve_device(device)
     paths = [Path(p) for p in pools]
     for p in paths:
         pool_files(p)
@@ -135,7 +138,19 @@ def run_select(
     if uncertainty not in (None, "", "auto") and not strat.needs_uncertainty and pool.uncertainty is None:
         pool = read_pool(paths, uncertainty, need_uncertainty=True, need_probs=strat.needs_probs)
     return _select_units(
-        pool, budget, strategy, tau, normalize, labeled_ids, exclude_ids, seed, prune, progress, started
+        pool,
+        budget,
+        strategy,
+        tau,
+        normalize,
+        labeled_ids,
+        exclude_ids,
+        seed,
+        prune,
+        progress,
+        started,
+        backend,
+        device,
     )
 
 
@@ -169,6 +184,8 @@ def _select_units(
     prune: bool,
     progress: Progress | None,
     started: float,
+    backend: str = "numba",
+    device: str = "cpu",
 ) -> SelectResult:
     strat = get_strategy(strategy)
     warnings: list[str] = []
@@ -196,6 +213,8 @@ def _select_units(
             seed=seed,
             prune=prune,
             progress=progress,
+            backend=backend,
+            device=device,
         )
     )
     rows = candidates[out.positions]
@@ -219,6 +238,7 @@ def _select_units(
         "tau": tau,
         "normalize": normalize,
         "seed": seed,
+        "device": device,
         "skipped_distance_fraction": out.skipped_fraction,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -156,10 +156,40 @@ class CentreTracker:
         self.stats.possible += self.cand.size - self.taken
         self.k += 1
 
+    def distances(self) -> np.ndarray:
+        """D for every candidate (-1 for picked ones), as a numpy array."""
+        return self.D
+
+    def argmax(self) -> tuple[int, float]:
+        """The live candidate of largest D (the first one on ties) and its D."""
+        t = int(np.argmax(self.D))
+        return t, float(self.D[t])
+
     def take(self, t: int) -> None:
         """Remove candidate position t from play (it has been selected)."""
         self.D[t] = -1.0
         self.taken += 1
+
+
+BACKENDS = ("numba", "torch")
+
+
+def make_tracker(
+    features: np.ndarray,
+    G: np.ndarray,
+    candidates: np.ndarray,
+    capacity: int,
+    prune: bool = True,
+    backend: str = "numba",
+    device: str = "cpu",
+) -> CentreTracker:
+    if backend == "numba":
+        return CentreTracker(features, G, candidates, capacity, prune=prune)
+    if backend == "torch":
+        from uwe_cli.selection.torch_backend import TorchCentreTracker
+
+        return TorchCentreTracker(features, G, candidates, capacity, prune=prune, device=device)
+    raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
 
 
 @dataclass
@@ -178,17 +208,19 @@ def k_center_greedy(
     prune: bool = True,
     use_faiss: bool = True,
     progress: Progress | None = None,
+    backend: str = "numba",
+    device: str = "cpu",
 ) -> KCGResult:
     """Algorithm 1 of the paper, exactly: argmax of the squared float64 distance, ties to the earlier candidate.
 
     Without centres the first pick is the candidate of largest embedding norm (its norm is reported as
-    its distance).
+    its distance). `backend` "numba" runs the CPU kernels; "torch" runs the updates on `device`.
     """
     features = np.ascontiguousarray(features)
     G = as_weights(weights, features.shape[0])
     candidates = np.asarray(candidates, dtype=np.int64)
     centres = np.asarray(centres, dtype=np.int64)
-    tracker = CentreTracker(features, G, candidates, centres.size + budget, prune=prune)
+    tracker = make_tracker(features, G, candidates, centres.size + budget, prune, backend, device)
     positions = np.empty(budget, dtype=np.int64)
     distances = np.empty(budget, dtype=np.float64)
     step = max(1, budget // 200)
@@ -203,8 +235,8 @@ def k_center_greedy(
             tracker.add(int(candidates[t]))
     first = 1 if (budget and not centres.size) else 0
     for b in range(first, budget):
-        t = int(np.argmax(tracker.D))
-        positions[b], distances[b] = t, np.sqrt(tracker.D[t])
+        t, d = tracker.argmax()
+        positions[b], distances[b] = t, np.sqrt(d)
         tracker.take(t)
         if b + 1 < budget:
             tracker.add(int(candidates[t]))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from uwe_cli.errors import SelectionError
-from uwe_cli.selection.engine import CentreTracker, Progress, as_weights, k_center_greedy
+from uwe_cli.selection.engine import Progress, as_weights, k_center_greedy, make_tracker
 
 
 @dataclass
@@ -25,6 +25,8 @@ class StrategyInput:
     seed: int
     prune: bool = True
     progress: Progress | None = None
+    backend: str = "numba"
+    device: str = "cpu"
 
 
 @dataclass
@@ -65,7 +67,15 @@ def get_strategy(name: str) -> Strategy:
 
 def _kcg(inp: StrategyInput, weights: np.ndarray | None) -> StrategyOutput:
     res = k_center_greedy(
-        inp.features, weights, inp.candidates, inp.labeled, inp.budget, prune=inp.prune, progress=inp.progress
+        inp.features,
+        weights,
+        inp.candidates,
+        inp.labeled,
+        inp.budget,
+        prune=inp.prune,
+        progress=inp.progress,
+        backend=inp.backend,
+        device=inp.device,
     )
     return StrategyOutput(res.positions, res.distances, res.stats.skipped_fraction)
 
@@ -103,6 +113,8 @@ def kmeanspp_seeding(
     seed: int,
     prune: bool = True,
     progress: Progress | None = None,
+    backend: str = "numba",
+    device: str = "cpu",
 ) -> np.ndarray:
     """K-Means++ seeding: each pick drawn with probability ∝ squared distance to the nearest centre.
 
@@ -110,7 +122,7 @@ def kmeanspp_seeding(
     BADGE's reference implementation. Distances are the same exact values KCG uses.
     """
     rng = np.random.default_rng(seed)
-    tracker = CentreTracker(features, G, candidates, centres.size + budget, prune=prune)
+    tracker = make_tracker(features, G, candidates, centres.size + budget, prune, backend, device)
     positions = np.empty(budget, dtype=np.int64)
     start = 0
     if centres.size:
@@ -123,14 +135,15 @@ def kmeanspp_seeding(
             tracker.add(int(candidates[t]))
         start = 1
     for b in range(start, budget):
-        mass = np.clip(tracker.D, 0.0, None)
+        D = tracker.distances()
+        mass = np.clip(D, 0.0, None)
         cum = np.cumsum(mass)
         total = cum[-1]
         if total > 0:
             t = int(np.searchsorted(cum, rng.random() * total, side="right"))
             t = min(t, cum.size - 1)
         else:  # every live candidate coincides with a centre: draw uniformly among them
-            live = np.flatnonzero(tracker.D >= 0)
+            live = np.flatnonzero(D >= 0)
             t = int(live[rng.integers(live.size)])
         positions[b] = t
         tracker.take(t)
@@ -145,7 +158,16 @@ def kmeanspp_seeding(
 def kmeanspp(inp: StrategyInput) -> StrategyOutput:
     G = as_weights(inp.weights, inp.features.shape[0])
     pos = kmeanspp_seeding(
-        inp.features, G, inp.candidates, inp.labeled, inp.budget, inp.seed, inp.prune, inp.progress
+        inp.features,
+        G,
+        inp.candidates,
+        inp.labeled,
+        inp.budget,
+        inp.seed,
+        inp.prune,
+        inp.progress,
+        inp.backend,
+        inp.device,
     )
     return StrategyOutput(pos, None)
 
@@ -162,6 +184,15 @@ def badge(inp: StrategyInput) -> StrategyOutput:
     assert inp.probs is not None
     G = badge_weights(inp.probs)
     pos = kmeanspp_seeding(
-        inp.features, G, inp.candidates, inp.labeled, inp.budget, inp.seed, inp.prune, inp.progress
+        inp.features,
+        G,
+        inp.candidates,
+        inp.labeled,
+        inp.budget,
+        inp.seed,
+        inp.prune,
+        inp.progress,
+        inp.backend,
+        inp.device,
     )
     return StrategyOutput(pos, None)
