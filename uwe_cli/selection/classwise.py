@@ -241,79 +241,112 @@ def to_dense(emb: ClasswiseEmbedding, images: np.ndarray | None = None) -> np.nd
 # Distance kernels over the CSR structure
 
 
+_CHUNK = 128  # elements between early-exit checks inside a block
+
+
 @njit(inline="always")
-def _block_sqdiff(features, means, src_a, row_a, s_a, src_b, row_b, s_b):  # pragma: no cover
-    """‖a − b‖² for two blocks of the same class, by direct differences in float64."""
+def _block_sqdiff(features, means, src_a, row_a, s_a, src_b, row_b, s_b, base, limit):  # pragma: no cover
+    """‖a − b‖² for two blocks of the same class, by direct differences in float64.
+
+    Stops early, returning a partial sum, once base + partial >= limit: a sum of non-negative
+    float64 terms never decreases, so the full distance could not get below the limit either.
+    """
     d = features.shape[1]
     acc = 0.0
-    if src_a == 0 and src_b == 0:
-        fa = features[row_a]
-        fb = features[row_b]
-        for k in range(d):
-            t = s_a * fa[k] - s_b * fb[k]
-            acc += t * t
-    elif src_a == 0:
-        fa = features[row_a]
-        mb = means[row_b]
-        for k in range(d):
-            t = s_a * fa[k] - mb[k]
-            acc += t * t
-    elif src_b == 0:
-        ma = means[row_a]
-        fb = features[row_b]
-        for k in range(d):
-            t = ma[k] - s_b * fb[k]
-            acc += t * t
-    else:
-        ma = means[row_a]
-        mb = means[row_b]
-        for k in range(d):
-            t = ma[k] - mb[k]
-            acc += t * t
+    k = 0
+    while k < d:
+        stop = min(k + _CHUNK, d)
+        if src_a == 0 and src_b == 0:
+            fa = features[row_a]
+            fb = features[row_b]
+            for j in range(k, stop):
+                t = s_a * fa[j] - s_b * fb[j]
+                acc += t * t
+        elif src_a == 0:
+            fa = features[row_a]
+            mb = means[row_b]
+            for j in range(k, stop):
+                t = s_a * fa[j] - mb[j]
+                acc += t * t
+        elif src_b == 0:
+            ma = means[row_a]
+            fb = features[row_b]
+            for j in range(k, stop):
+                t = ma[j] - s_b * fb[j]
+                acc += t * t
+        else:
+            ma = means[row_a]
+            mb = means[row_b]
+            for j in range(k, stop):
+                t = ma[j] - mb[j]
+                acc += t * t
+        if base + acc >= limit:
+            return acc
+        k = stop
     return acc
 
 
 @njit(cache=True)
 def _image_d2(
-    a, b, offsets, bclass, bsrc, brow, bscale, bnorm2, features, means, class_mask, image_norm2
+    a, b, limit, bound, offsets, bclass, bsrc, brow, bscale, bnorm2, features, means, class_mask, image_norm2
 ):  # pragma: no cover
-    """Squared distance of images a and b: shared classes by difference, the others by their norm².
+    """Squared distance of images a and b, or any value >= limit once it cannot be below limit.
 
-    Most image pairs share no class; the class bitmasks detect that and skip the merge.
+    Classes in one image only add their block's norm²; shared classes are differenced. The sum is
+    always taken in the same order (unshared classes, then shared ones, each by class), so a
+    pruned and an unpruned run produce bitwise identical distances. If `bound` is positive and the
+    block-norm lower bound Σ unshared ‖·‖² + Σ shared (‖a_c‖ − ‖b_c‖)² reaches `bound`, no feature
+    is read at all (`bound` carries the safety margin, as it is computed differently).
     """
     shared = False
     for w in range(class_mask.shape[1]):
         if class_mask[a, w] & class_mask[b, w]:
             shared = True
             break
-    if not shared:
+    if not shared:  # the common case: no class in common, no feature read
         return image_norm2[a] + image_norm2[b]
-    ia = offsets[a]
+    sa = offsets[a]
     ea = offsets[a + 1]
-    ib = offsets[b]
+    sb = offsets[b]
     eb = offsets[b + 1]
-    acc = 0.0
+    unshared = 0.0
+    lower = 0.0
+    ia = sa
+    ib = sb
+    while ia < ea or ib < eb:
+        if ib == eb or (ia < ea and bclass[ia] < bclass[ib]):
+            unshared += bnorm2[ia]
+            ia += 1
+        elif ia == ea or bclass[ib] < bclass[ia]:
+            unshared += bnorm2[ib]
+            ib += 1
+        else:
+            t = math.sqrt(bnorm2[ia]) - math.sqrt(bnorm2[ib])
+            lower += t * t
+            ia += 1
+            ib += 1
+    if bound > 0.0 and unshared + lower >= bound:
+        return math.inf
+    acc = unshared
+    if acc >= limit:
+        return acc
+    ia = sa
+    ib = sb
     while ia < ea and ib < eb:
         ca = bclass[ia]
         cb = bclass[ib]
         if ca == cb:
             acc += _block_sqdiff(
-                features, means, bsrc[ia], brow[ia], bscale[ia], bsrc[ib], brow[ib], bscale[ib]
+                features, means, bsrc[ia], brow[ia], bscale[ia], bsrc[ib], brow[ib], bscale[ib], acc, limit
             )
+            if acc >= limit:
+                return acc
             ia += 1
             ib += 1
         elif ca < cb:
-            acc += bnorm2[ia]
             ia += 1
         else:
-            acc += bnorm2[ib]
             ib += 1
-    while ia < ea:
-        acc += bnorm2[ia]
-        ia += 1
-    while ib < eb:
-        acc += bnorm2[ib]
-        ib += 1
     return acc
 
 
@@ -349,7 +382,7 @@ def _add_centre(
                 n_needed += 1
         for q in prange(n_needed):
             j = ids[q]
-            d2 = _image_d2(c, centre_image[j], *csr)
+            d2 = _image_d2(c, centre_image[j], math.inf, 0.0, *csr)
             centre_dist[j] = math.sqrt(d2)
     computed = np.zeros(m, dtype=np.int64)
     for p in prange(m):
@@ -366,7 +399,12 @@ def _add_centre(
             slack = _ABS_MARGIN * (norm_c + norm_i + image_norm[centre_image[j]])
             if centre_dist[j] >= 2.0 * dist * (1.0 + _REL_MARGIN) + slack:
                 continue
-        d2 = _image_d2(i, c, *csr)
+            bound = min_d2[p] * (1.0 + _REL_MARGIN) + _ABS_MARGIN * (norm_c + norm_i) ** 2
+            d2 = _image_d2(i, c, min_d2[p], bound, *csr)
+        else:
+            d2 = _image_d2(i, c, math.inf, 0.0, *csr)
+        if d2 == math.inf:  # ruled out by the block-norm bound
+            continue
         computed[p] = 1
         if d2 < min_d2[p]:
             min_d2[p] = d2
