@@ -1,0 +1,150 @@
+"""Benchmark `uwe extract classification`: throughput against a bare forward pass, and peak memory.
+
+1. Throughput: the same images, the same model and batch size, in the same process: a bare
+   `model(x)` loop over tensors preprocessed in advance (the upper bound: no decoding, no hooks,
+   no uncertainty, no Parquet) against the full extraction from image files to a pool.
+2. Memory: peak RSS of a fresh process extracting a small and a 4× larger folder; streaming row
+   groups keep it flat.
+
+Run: .venv/bin/python benchmarks/bench_extract_classification.py [--images 256] [--size 112]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHILD = """
+import json, resource, sys, time
+from uwe_cli.extract.classification import ClassificationConfig, extract_classification
+cfg = ClassificationConfig(data=sys.argv[1], out=sys.argv[2], model="resnet18", checkpoints=[sys.argv[3]],
+                           image_size=int(sys.argv[4]), batch_size=32, num_workers=0, device="cpu")
+start = time.perf_counter()
+result = extract_classification(cfg)
+print(json.dumps({"rows": result.rows, "seconds": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+BASELINE = """
+import resource, torchvision
+torchvision.models.get_model("resnet18", weights=None, num_classes=10)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def write_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size + i % 7, size + i % 5, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.{'png' if i % 2 else 'jpg'}")
+
+
+def throughput(folder: Path, ckpt: Path, out: Path, size: int, batch: int, workers: int) -> dict[str, float]:
+    import torch
+    import torchvision
+
+    from uwe_cli.data import classification_transform, list_images, load_image
+    from uwe_cli.extract.classification import ClassificationConfig, extract_classification
+
+    model = torchvision.models.get_model("resnet18", weights=None, num_classes=10)
+    model.load_state_dict(torch.load(ckpt))
+    model.eval()
+    transform = classification_transform(size)
+    tensors = torch.stack([transform(load_image(item.path)) for item in list_images(folder)])
+    n = len(tensors)
+    with torch.inference_mode():
+        model(tensors[:batch])  # warm-up
+        start = time.perf_counter()
+        for chunk in tensors.split(batch):
+            model(chunk)
+        bare = n / (time.perf_counter() - start)
+    cfg = ClassificationConfig(
+        data=folder,
+        out=out,
+        model="resnet18",
+        checkpoints=[ckpt],
+        image_size=size,
+        batch_size=batch,
+        num_workers=workers,
+        device="cpu",
+    )
+    start = time.perf_counter()
+    result = extract_classification(cfg)
+    end_to_end = result.rows / (time.perf_counter() - start)
+    out.unlink()
+    loop = result.images_per_second  # decode + forward + uncertainty + Parquet, after model loading
+    return {
+        "images": n,
+        "bare_forward_img_s": bare,
+        "extract_img_s": loop,
+        "end_to_end_img_s": end_to_end,
+        "ratio": loop / bare,
+    }
+
+
+def peak_rss(folder: Path, ckpt: Path, out: Path, size: int) -> dict[str, float]:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(out), str(ckpt), str(size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=256, help="images in the throughput run")
+    parser.add_argument("--size", type=int, default=112, help="crop size fed to resnet18")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--rss-images", type=int, default=500, help="small RSS run; the large one has 4×")
+    args = parser.parse_args()
+
+    import torch
+    import torchvision
+
+    with tempfile.TemporaryDirectory(prefix="uwe-bench-") as tmp:
+        root = Path(tmp)
+        torch.manual_seed(0)
+        ckpt = root / "resnet18.pth"
+        torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=10).state_dict(), ckpt)
+        write_images(root / "throughput", args.images, args.size + 16)
+        t = throughput(
+            root / "throughput", ckpt, root / "t.parquet", args.size, args.batch_size, args.num_workers
+        )
+        print(
+            f"throughput ({t['images']:.0f} images, resnet18 @ {args.size}px, batch {args.batch_size}, "
+            f"{torch.get_num_threads()} torch threads, {args.num_workers} loader worker(s)):"
+        )
+        print(f"  bare forward on preloaded tensors : {t['bare_forward_img_s']:8.1f} images/s")
+        print(f"  uwe extract classification        : {t['extract_img_s']:8.1f} images/s")
+        print(f"    (with model loading, end to end : {t['end_to_end_img_s']:8.1f} images/s)")
+        print(f"  ratio                             : {t['ratio']:8.2f}  (target ≥ 0.80)")
+        base = subprocess.run(
+            [sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        print(f"peak RSS of a process that only imports torch and builds resnet18: {float(base):.1f} MB")
+        print("peak RSS of a fresh extraction process (resnet18 @ 64px, num_workers 0):")
+        for n in (args.rss_images, 4 * args.rss_images):
+            folder = root / f"rss{n}"
+            write_images(folder, n, 72, seed=n)
+            r = peak_rss(folder, ckpt, root / f"rss{n}.parquet", 64)
+            print(
+                f"  {n:6d} images: {r['peak_rss_mb']:7.1f} MB peak RSS, {r['rows'] / r['seconds']:7.1f} images/s"
+            )
+
+
+if __name__ == "__main__":
+    main()
