@@ -17,10 +17,12 @@ hence pruning never changes D, and the result is the brute-force result.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -36,6 +38,9 @@ SRC_MEAN = 1  # block = means[row]
 # absolute margin scaled by the norms involved: float64 sums of ≤ K·d terms err by ~1e-13 of that.
 _REL_MARGIN = 1e-9
 _ABS_MARGIN = 1e-11
+# Below this many candidates a pick costs well under a millisecond and a parallel region's start and
+# barrier cost more than they save (far more when the cores are shared), so run on one thread.
+_PARALLEL_MIN_CANDIDATES = 20_000
 
 
 @dataclass
@@ -424,6 +429,16 @@ def _argmax_active(min_d2, active):  # pragma: no cover
     return best
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(n, previous))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _check_indices(values: np.ndarray, emb: ClasswiseEmbedding, what: str) -> np.ndarray:
     values = np.asarray(values, dtype=np.int64).ravel()
     if len(values) and (values.min() < 0 or values.max() >= emb.num_images):
@@ -490,25 +505,27 @@ def classwise_kcg(
             c, cid, cand, active, min_d2, nearest, centre_image, needed, centre_dist, image_norm, prune, *csr
         )
 
-    for cid, c in enumerate(centres):
-        add(int(c), cid)
-
     picks = np.empty(budget, dtype=np.int64)
     distances = np.empty(budget, dtype=np.float64)
-    for t in range(budget):
-        if t == 0 and len(centres) == 0:
-            p = int(np.argmax(emb.image_norm2[cand]))  # first maximum: the earlier image
-            dist = float(image_norm[cand[p]])
-        else:
-            p = int(_argmax_active(min_d2, active))
-            dist = math.sqrt(min_d2[p])
-        active[p] = False
-        picks[t] = cand[p]
-        distances[t] = dist
-        if t + 1 < budget:
-            add(int(cand[p]), len(centres) + t)
-        if progress is not None:
-            progress(t + 1, budget)
+    threads = 1 if m < _PARALLEL_MIN_CANDIDATES else numba.get_num_threads()
+    with _threads(threads):
+        for cid, c in enumerate(centres):
+            add(int(c), cid)
+
+        for t in range(budget):
+            if t == 0 and len(centres) == 0:
+                p = int(np.argmax(emb.image_norm2[cand]))  # first maximum: the earlier image
+                dist = float(image_norm[cand[p]])
+            else:
+                p = int(_argmax_active(min_d2, active))
+                dist = math.sqrt(min_d2[p])
+            active[p] = False
+            picks[t] = cand[p]
+            distances[t] = dist
+            if t + 1 < budget:
+                add(int(cand[p]), len(centres) + t)
+            if progress is not None:
+                progress(t + 1, budget)
     if stats is not None:
         stats["distances"] = int(computed)
         stats["distances_unpruned"] = int(
