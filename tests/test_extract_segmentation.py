@@ -312,6 +312,23 @@ def test_torchvision_models_equal_direct(name: str, layer_name: str, images: Pat
     assert check_pool(rows, small, model, layer, (32, 32, 32, 32)) > 0
 
 
+def test_whole_pickled_module_without_model_name(images: Path, tmp_path: Path) -> None:
+    model = tiny_tensor()
+    ckpt = tmp_path / "whole.pt"
+    torch.save(model, ckpt)
+    _, rows = run(images, tmp_path / "pool.parquet", model=None, num_classes=None, checkpoint=ckpt)
+    check_pool(rows, images, model, model.classifier, None)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated upstream
+def test_torchscript_is_refused_with_a_clear_error(images: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "scripted.pt"
+    torch.jit.trace(tiny_tensor().eval(), torch.zeros(1, 3, 32, 32)).save(str(ckpt))
+    with pytest.raises(ModelError, match="TorchScript"):
+        run(images, tmp_path / "pool.parquet", model=None, checkpoint=ckpt)
+    assert not (tmp_path / "pool.parquet").exists()
+
+
 def test_explicit_feature_layer(images: Path, tmp_path: Path) -> None:
     _, rows = run(images, tmp_path / "pool.parquet", feature_layer="body.2")
     model = tiny_dict()

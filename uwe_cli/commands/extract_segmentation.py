@@ -23,7 +23,7 @@ def segmentation(
         None, "--checkpoint", help="state_dict, whole pickled nn.Module, or training checkpoint."
     ),
     num_classes: int | None = typer.Option(
-        None, "--num-classes", help="Classes K of the head [default: what the model outputs]."
+        None, "--num-classes", help="Classes K of the head (default: what the model outputs)."
     ),
     weights: str | None = typer.Option(
         None, "--weights", help="torchvision weights (e.g. DEFAULT), from the local cache only."
@@ -31,7 +31,7 @@ def segmentation(
     feature_layer: str | None = typer.Option(
         None,
         "--feature-layer",
-        help="Dotted module name whose INPUT is the pixel feature [default: last Conv2d with K outputs].",
+        help="Dotted module name whose INPUT is the pixel feature (default: last Conv2d with K outputs).",
     ),
     class_names: str | None = typer.Option(
         None, "--class-names", help="File with one class name per line, or a comma-separated list."
@@ -40,13 +40,13 @@ def segmentation(
         None, "--region-size", help="none (one row per image), N or HxW: one row per region of the grid."
     ),
     region_stride: str | None = typer.Option(
-        None, "--region-stride", help="N or HxW step between regions [default: the region size]."
+        None, "--region-stride", help="N or HxW step between regions (default: the region size)."
     ),
     resize: str | None = typer.Option(
         None, "--resize", help="none (native size), N (shorter side) or HxW before the model."
     ),
-    mean: str | None = typer.Option(None, "--mean", help="Normalisation mean R,G,B [default: ImageNet]."),
-    std: str | None = typer.Option(None, "--std", help="Normalisation std R,G,B [default: ImageNet]."),
+    mean: str | None = typer.Option(None, "--mean", help="Normalisation mean R,G,B (default: ImageNet)."),
+    std: str | None = typer.Option(None, "--std", help="Normalisation std R,G,B (default: ImageNet)."),
     batch_size: int = typer.Option(2, "--batch-size", help="Images per forward pass (equal sizes only)."),
     num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes decoding images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
