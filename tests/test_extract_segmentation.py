@@ -363,6 +363,19 @@ def test_resume_after_interruption_gives_the_same_pool(images: Path, tmp_path: P
     assert rows == fresh
 
 
+def test_shards_and_workers_give_the_same_rows(images: Path, tmp_path: Path) -> None:
+    _, full = run(images, tmp_path / "full.parquet", region_size="32")
+    parts = tmp_path / "parts"
+    for k in range(2):
+        run(images, parts, region_size="32", shard=(k, 2), num_workers=2, batch_size=3)
+    from uwe_cli.pool import read_pool
+
+    pool = read_pool(parts)
+    assert pool.ids.to_pylist() == [r["id"] for r in full]
+    np.testing.assert_allclose(pool.features, np.array([r["feature"] for r in full]), rtol=1e-5, atol=1e-6)
+    assert pool.metadata["task"] == "segmentation" and pool.metadata["region_size"] == [32, 32]
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
