@@ -247,3 +247,12 @@ def test_kmeanspp_torch_backend_equals_numba(rng):
     a = kmeanspp_seeding(F, G, cand, lab, 20, seed=5)
     b = kmeanspp_seeding(F, G, cand, lab, 20, seed=5, backend="torch")
     np.testing.assert_array_equal(a, b)
+
+
+def test_naive_gemm_init_matches_reference_on_random_pool(rng):
+    F = clustered(rng, 400, 12)
+    w = rng.random(400)
+    cand, lab = split(rng, 400, 40)
+    ref_picks, _ = kcg_reference(dense_embeddings(F, w), cand, lab, 30)
+    got = k_center_greedy_naive(F, w, cand, lab, 30, gemm_init=True)
+    np.testing.assert_array_equal(got.positions, ref_picks)
