@@ -52,7 +52,9 @@ BUILDERS = {
     "fasterrcnn_v2": lambda: D.fasterrcnn_resnet50_fpn_v2(
         num_classes=K, box_score_thresh=0.0, **RPN, **SMALL
     ),
-    "maskrcnn": lambda: D.maskrcnn_resnet50_fpn(num_classes=K, box_score_thresh=0.0, **RPN, **SMALL),
+    "maskrcnn": lambda: D.maskrcnn_resnet50_fpn(
+        num_classes=K, box_score_thresh=0.0, box_detections_per_img=30, **RPN, **SMALL
+    ),
     "retinanet": lambda: D.retinanet_resnet50_fpn(
         num_classes=K, score_thresh=0.0, topk_candidates=50, **SMALL
     ),
@@ -294,6 +296,8 @@ def test_uncertainty_on_foreground_distribution() -> None:
 
 USER_MODULE = textwrap.dedent(
     '''
+    import os
+
     import torch
 
 
@@ -306,6 +310,8 @@ USER_MODULE = textwrap.dedent(
             out = []
             for img in images:
                 h, w = img.shape[-2:]
+                if os.environ.get("KNOWN_DET_FAIL_HEIGHT") == str(int(h)):
+                    raise RuntimeError("simulated crash")
                 if w < 40:  # narrow images: nothing detected
                     n = 0
                 else:
@@ -548,3 +554,19 @@ def test_cli_shards_cover_all_images(tmp_path: Path, user_module: str) -> None:
         assert r.exit_code == 0, r.output
     ids = [i for p in sorted(out.glob("*.parquet")) for i in pq.read_table(p).column("id").to_pylist()]
     assert sorted(set(ids)) == ["a.png", "b.png", "c.png"]
+
+
+def test_interrupted_run_resumes(tmp_path: Path, user_module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _folder(tmp_path)
+    out = tmp_path / "pool.parquet"
+    cfg = DetectionConfig(data=folder, out=out, model=user_module, device="cpu", batch_size=1, part_rows=1)
+    monkeypatch.setenv("KNOWN_DET_FAIL_HEIGHT", "44")  # c.png, the last image
+    with pytest.raises(ModelError, match="simulated crash"):
+        extract_detection(cfg)
+    assert not out.exists()
+    monkeypatch.delenv("KNOWN_DET_FAIL_HEIGHT")
+    result = extract_detection(cfg)
+    assert result.resumed == 2 and result.processed == 1
+    fresh = tmp_path / "fresh.parquet"
+    extract_detection(DetectionConfig(data=folder, out=fresh, model=user_module, device="cpu"))
+    assert pq.read_table(out).to_pylist() == pq.read_table(fresh).to_pylist()
