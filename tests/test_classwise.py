@@ -451,3 +451,23 @@ def test_selection_argument_errors(tmp_path):
         build_classwise(pool, tau=-1.0)
     picks, distances = classwise_kcg(emb, np.array([0, 1]), none, 0)
     assert picks.shape == (0,) and distances.shape == (0,)
+
+
+def test_many_classes_multiword_masks(tmp_path):
+    """K > 64 spreads the class bitmasks over several words; the labeled-set index must still be exact."""
+    rng = np.random.default_rng(21)
+    num_classes, dim = 150, 3
+    rows = random_rows(rng, 120, num_classes, dim, max_boxes=6, n_duplicates=4)
+    for r in rows:  # concentrate on a few classes across the word boundaries so that images share
+        if r.get("label") is not None:
+            r["label"] = int(rng.choice([0, 63, 64, 65, 127, 128, 149]))
+    pool = read_detection_pool(write_pool(tmp_path / "p.parquet", rows, dim, num_classes))
+    labeled = sorted(rng.choice(pool.num_images, 25, replace=False).tolist())
+    emb, candidates, centres, (picks, distances) = select(pool, labeled, 40, 1.0, "max")
+    _, dense = reference_embeddings(rows, num_classes, dim, None, 1.0, "minmax", "max")
+    ref_picks, ref_distances = reference_kcg(dense, candidates, centres, 40)
+    np.testing.assert_array_equal(picks, ref_picks)
+    np.testing.assert_allclose(distances, ref_distances, rtol=1e-10)
+    unpruned = classwise_kcg(emb, candidates, centres, 40, prune=False)
+    np.testing.assert_array_equal(unpruned[0], picks)
+    np.testing.assert_array_equal(unpruned[1], distances)

@@ -417,6 +417,79 @@ def _add_centre(
     return n_needed + computed.sum()
 
 
+@njit(parallel=True, cache=True)
+def _init_from_centres(
+    cand,  # int64 (m,): candidate image indices
+    centre_image,  # int64 (nc,): labeled images
+    by_norm,  # int64 (nc,): centre ids by ascending image norm² (stable)
+    class_ptr,  # int64 (K+1,): centres having class c are class_centres[class_ptr[c]:class_ptr[c+1]]
+    class_centres,  # int64: centre ids, grouped by class
+    min_d2,  # out float64 (m,)
+    nearest,  # out int64 (m,)
+    image_norm,  # float64 (n,)
+    *csr,
+):  # pragma: no cover
+    """D(i) to the labeled set without visiting every (candidate, centre) pair.
+
+    A centre sharing no class with i is at ‖i‖² + ‖c‖², so the nearest of those is the first one in
+    ascending norm that shares nothing with i; only centres sharing a class (found through the
+    class → centres index) need their distance computed, each once, against the running minimum.
+    """
+    offsets = csr[0]
+    bclass = csr[1]
+    class_mask = csr[8]
+    image_norm2 = csr[9]
+    words = class_mask.shape[1]
+    evaluated = np.zeros(len(cand), dtype=np.int64)
+    for p in prange(len(cand)):
+        i = cand[p]
+        best = math.inf
+        best_id = -1
+        for q in range(len(by_norm)):
+            c = centre_image[by_norm[q]]
+            shares = False
+            for w in range(words):
+                if class_mask[i, w] & class_mask[c, w]:
+                    shares = True
+                    break
+            if not shares:
+                best = image_norm2[i] + image_norm2[c]
+                best_id = by_norm[q]
+                break
+        for b in range(offsets[i], offsets[i + 1]):
+            k = bclass[b]
+            for q in range(class_ptr[k], class_ptr[k + 1]):
+                j = class_centres[q]
+                c = centre_image[j]
+                # Visit a centre at its lowest class shared with i only.
+                earlier = False
+                for w in range(words):
+                    below = class_mask[i, w] & class_mask[c, w]
+                    if w == k // 64:
+                        below &= (np.uint64(1) << np.uint64(k % 64)) - np.uint64(1)
+                    elif w > k // 64:
+                        below = np.uint64(0)
+                    if below:
+                        earlier = True
+                        break
+                if earlier:
+                    continue
+                if best < math.inf:
+                    slack = _ABS_MARGIN * (image_norm[i] + image_norm[c]) ** 2
+                    d2 = _image_d2(i, c, best, best * (1.0 + _REL_MARGIN) + slack, *csr)
+                else:
+                    d2 = _image_d2(i, c, math.inf, 0.0, *csr)
+                if d2 == math.inf:
+                    continue
+                evaluated[p] += 1
+                if d2 < best:
+                    best = d2
+                    best_id = j
+        min_d2[p] = best
+        nearest[p] = best_id
+    return evaluated.sum()
+
+
 @njit(cache=True)
 def _argmax_active(min_d2, active):  # pragma: no cover
     """First position of the largest min_d2 among active candidates (ties: the earlier image)."""
@@ -437,6 +510,20 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+def _class_index(emb: ClasswiseEmbedding, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre ids by ascending norm², and a class → centre ids index (CSR) over the centres' blocks."""
+    by_norm = np.argsort(emb.image_norm2[centres], kind="stable").astype(np.int64)
+    counts = emb.offsets[centres + 1] - emb.offsets[centres]
+    owner = np.repeat(np.arange(len(centres), dtype=np.int64), counts)
+    starts = np.repeat(emb.offsets[centres] - np.cumsum(counts) + counts, counts)
+    blocks = starts + np.arange(counts.sum())
+    classes = emb.block_class[blocks].astype(np.int64)
+    order = np.lexsort((owner, classes))
+    class_ptr = np.zeros(emb.num_classes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(classes, minlength=emb.num_classes), out=class_ptr[1:])
+    return by_norm, class_ptr, owner[order]
 
 
 def _check_indices(values: np.ndarray, emb: ClasswiseEmbedding, what: str) -> np.ndarray:
@@ -509,8 +596,13 @@ def classwise_kcg(
     distances = np.empty(budget, dtype=np.float64)
     threads = 1 if m < _PARALLEL_MIN_CANDIDATES else numba.get_num_threads()
     with _threads(threads):
-        for cid, c in enumerate(centres):
-            add(int(c), cid)
+        if prune and len(centres):
+            centre_image[: len(centres)] = centres
+            index = _class_index(emb, centres)
+            computed += _init_from_centres(cand, centres, *index, min_d2, nearest, image_norm, *csr)
+        else:
+            for cid, c in enumerate(centres):
+                add(int(c), cid)
 
         for t in range(budget):
             if t == 0 and len(centres) == 0:
