@@ -9,10 +9,13 @@ row of a float64 matrix of class means. Distances touch only the classes present
 and are summed in float64 from direct differences, so they match a dense float64 computation to
 rounding, and the greedy picks match it exactly.
 
-KCG follows Algorithm 1. Each candidate remembers its nearest centre; a new centre c can only
-improve candidate i if |‖c‖ − ‖i‖| < D(i) and ‖c − centre(i)‖ < 2·D(i) (triangle inequality), so
-most distances are never computed. Both tests carry a safety margin far above float64 rounding,
-hence pruning never changes D, and the result is the brute-force result.
+KCG follows Algorithm 1. Images sharing no class are at ‖x‖² + ‖y‖² without reading a feature,
+which also lets the labeled set initialise D through a class → centres index instead of visiting
+every (candidate, labeled) pair. Each candidate remembers its nearest centre; a new centre c can
+only improve candidate i if |‖c‖ − ‖i‖| < D(i), ‖c − centre(i)‖ < 2·D(i) (triangle inequality) and
+the block-norm bound stays below D(i)², and a distance sum stops once it reaches D(i)². The bounds
+carry a safety margin far above float64 rounding and the early exit is exact (sums of non-negative
+terms never decrease), so none of this changes D: the result is the brute-force result.
 """
 
 from __future__ import annotations
