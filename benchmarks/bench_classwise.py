@@ -47,8 +47,10 @@ def dense_kcg(x: np.ndarray, centres: np.ndarray, budget: int) -> np.ndarray:
     """The textbook dense KCG over all rows of x (candidates = rows not in centres)."""
     sq = np.einsum("ij,ij->i", x, x)
     min_d2 = np.full(len(x), np.inf)
-    for c in centres:
-        min_d2 = np.minimum(min_d2, np.maximum(sq + sq[c] - 2 * (x @ x[c]), 0))
+    for start in range(0, len(centres), 256):  # the labeled set by matrix products, 256 at a time
+        cols = centres[start : start + 256]
+        d2 = sq[:, None] + sq[cols][None, :] - 2 * (x @ x[cols].T)
+        min_d2 = np.minimum(min_d2, np.maximum(d2, 0).min(axis=1))
     taken = np.zeros(len(x), dtype=bool)
     taken[centres] = True
     picks = []
