@@ -45,7 +45,9 @@ def pool_files(path: str | Path) -> list[Path]:
 
 def open_parquet(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        # pre_buffer (pyarrow's default) holds whole column chunks in memory while reading; streaming
+        # row groups into the feature matrix needs only one batch at a time.
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowInvalid, OSError) as exc:
         raise PoolError(f"not a Parquet file: {path} ({str(exc).splitlines()[0]})") from None
 

@@ -17,23 +17,31 @@ from numba import njit, prange
 # (triangle inequality). On squared float64 values with relative error ~1e-13, this margin keeps
 # the test conservative: a candidate is skipped only when the bound holds with room to spare.
 PRUNE_MARGIN = 1.0 + 1e-9
+# Reassociation lets LLVM vectorise the float64 sums (about 4x faster here). It changes only the order
+# of summation, like numpy's own pairwise sums; no NaN/Inf or contraction shortcuts are allowed.
+FASTMATH = {"reassoc", "nsz"}
+ABANDON_BLOCK = 128
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=FASTMATH)
 def _sq_dist(G, F, r, E, limit):
     """‖G[r]⊗F[r] − E‖², stopping early once it reaches `limit` (the value is then only a lower bound)."""
     s = 0.0
+    d = F.shape[1]
     for k in range(G.shape[1]):
         g = G[r, k]
-        for j in range(F.shape[1]):
-            diff = g * F[r, j] - E[k, j]
-            s += diff * diff
-        if s >= limit:
-            return s
+        for j0 in range(0, d, ABANDON_BLOCK):
+            part = 0.0
+            for j in range(j0, min(j0 + ABANDON_BLOCK, d)):
+                diff = g * F[r, j] - E[k, j]
+                part += diff * diff
+            s += part
+            if s >= limit:
+                return s
     return s
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def sq_norms(G, F, rows):
     """‖G[r]⊗F[r]‖² for each row."""
     out = np.empty(rows.size, dtype=np.float64)
@@ -59,38 +67,64 @@ def centre_embedding(G, F, r):
     return E
 
 
-@njit(parallel=True, cache=True)
-def add_centre(G, F, cand, D, near, centre_rows, new_id, E, prune):
-    """Lower D(i) to ‖x_i − E‖² where smaller, for every live candidate (D ≥ 0 marks picked rows with -1).
+@njit(cache=True, fastmath=FASTMATH)
+def prune_candidates(G, F, D, near, centre_rows, new_id, E, prune, norms, centre_norm, scan, out):
+    """Positions of the live candidates (D > 0; picked ones hold -1) that the new centre E might improve.
 
-    With `prune`, the distance from E to each candidate's current nearest centre is computed lazily
-    (once per centre, shared by all its candidates) and candidates that cannot improve are skipped.
-    Returns the number of candidate distances evaluated.
+    Two bounds skip the rest: ‖x − c‖ ≥ |‖x‖ − ‖c‖| (in UWE space magnitude follows uncertainty), and
+    the triangle inequality through the candidate's nearest centre a: no improvement when
+    ‖c − a‖ ≥ 2·D(i). ‖c − a‖ is computed lazily, once per centre. Sequential on purpose: this O(n)
+    pass is memory-bound, and waking a thread team for it costs more than it saves on busy machines.
+    `scan` lists the positions to look at (a window of candidates ordered by norm, see CentreTracker).
     """
     cc2 = np.full(new_id, -1.0)
-    evaluated = 0
-    for t in prange(cand.size):
+    m = 0
+    for q in range(scan.size):
+        t = scan[q]
         d = D[t]
         if d <= 0.0:
             continue
-        a = near[t]
-        if prune and a >= 0:
-            c = cc2[a]
-            if c < 0.0:
-                # Benign race: two threads may both compute the same centre distance and write it.
-                c = _sq_dist(G, F, centre_rows[a], E, np.inf)
-                cc2[a] = c
-            if c >= 4.0 * d * PRUNE_MARGIN:
+        if prune:
+            gap = norms[t] - centre_norm
+            slack = 1e-12 * (norms[t] + centre_norm) * (norms[t] + centre_norm)
+            if gap * gap >= d * PRUNE_MARGIN + slack:
                 continue
-        s = _sq_dist(G, F, cand[t], E, d)
-        evaluated += 1
-        if s < d:
+            a = near[t]
+            if a >= 0:
+                c = cc2[a]
+                if c < 0.0:
+                    c = _sq_dist(G, F, centre_rows[a], E, np.inf)
+                    cc2[a] = c
+                if c >= 4.0 * d * PRUNE_MARGIN:
+                    continue
+        out[m] = t
+        m += 1
+    return m
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def lower_distances(G, F, cand, D, near, todo, m, new_id, E):
+    """D(i) = min(D(i), ‖x_i − E‖²) for the listed positions (one thread)."""
+    for q in range(m):
+        t = todo[q]
+        s = _sq_dist(G, F, cand[t], E, D[t])
+        if s < D[t]:
             D[t] = s
             near[t] = new_id
-    return evaluated
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def lower_distances_parallel(G, F, cand, D, near, todo, m, new_id, E):
+    """As `lower_distances`, across all threads (positions are distinct, so writes never collide)."""
+    for q in prange(m):
+        t = todo[q]
+        s = _sq_dist(G, F, cand[t], E, D[t])
+        if s < D[t]:
+            D[t] = s
+            near[t] = new_id
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def nearest_exact(G, F, cand, centres, D, near):
     """Exact nearest centre for each candidate by a full scan (fallback and reference path)."""
     for t in prange(cand.size):
@@ -113,7 +147,7 @@ def nearest_exact(G, F, cand, centres, D, near):
         near[t] = arg
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def refine_knn(G, F, cand, centres, knn_idx, knn_sq32, tol, D, near, unsure):
     """Exact float64 minimum over FAISS's k float32 neighbours; flag rows where a farther centre could win.
 

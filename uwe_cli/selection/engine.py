@@ -17,6 +17,9 @@ from uwe_cli.selection import _kernels as kern
 
 Progress = Callable[[int, int], None]
 KNN_NEIGHBOURS = 16
+# Below this many multiply-adds an update runs on one thread: starting a thread team costs ~0.1 ms on
+# an idle machine and many milliseconds on a loaded one.
+PARALLEL_MIN_WORK = 4_000_000
 SEARCH_CHUNK_ROWS = 65_536
 
 
@@ -50,6 +53,7 @@ class TrackerStats:
     evaluated: int = 0
     possible: int = 0
     unsure_rows: int = 0
+    scanned: int = 0
 
     @property
     def skipped_fraction(self) -> float:
@@ -75,11 +79,18 @@ class CentreTracker:
         self.centre_rows = np.empty(max(capacity, 1), dtype=np.int64)
         self.k = 0
         self.prune = prune
+        self.sq_norms = kern.sq_norms(self.G, self.F, self.cand)
+        self.norms = np.sqrt(self.sq_norms)
+        self._todo = np.empty(self.cand.size, dtype=np.int64)
+        # Candidates by norm: a centre c can only improve i when |‖x_i‖ − ‖c‖| < √D(i) ≤ √max D, so each
+        # update scans one contiguous window of this order instead of every candidate.
+        self._by_norm = np.argsort(self.norms, kind="stable")
+        self._sorted_norms = self.norms[self._by_norm]
         self.taken = 0
         self.stats = TrackerStats()
 
     def live_sq_norms(self) -> np.ndarray:
-        return kern.sq_norms(self.G, self.F, self.cand)
+        return self.sq_norms
 
     def init_centres(self, rows: np.ndarray, use_faiss: bool = True) -> None:
         """Start from a set of centres (the labeled rows): exact nearest-centre distance for every candidate.
@@ -146,13 +157,41 @@ class CentreTracker:
             self.stats.unsure_rows += int(which.size)
             self.stats.evaluated += int(which.size) * L
 
-    def add(self, row: int) -> None:
-        """Make pool row `row` a centre and lower every candidate's D accordingly."""
+    def add(self, row: int, max_d: float | None = None) -> None:
+        """Make pool row `row` a centre and lower every candidate's D accordingly.
+
+        `max_d`, when known (KCG adds the candidate of largest D), is the largest live D; otherwise it is
+        computed.
+        """
         E = kern.centre_embedding(self.G, self.F, row)
         self.centre_rows[self.k] = row
-        self.stats.evaluated += kern.add_centre(
-            self.G, self.F, self.cand, self.D, self.near, self.centre_rows, self.k, E, self.prune
+        centre_norm = float(np.sqrt((E * E).sum()))
+        scan = self._by_norm
+        if self.prune:
+            top = float(self.D.max()) if max_d is None else max_d
+            if np.isfinite(top):
+                root = np.sqrt(max(top, 0.0))
+                reach = root * (1 + 1e-9) + 1e-9 * (centre_norm + root)
+                lo, hi = np.searchsorted(self._sorted_norms, [centre_norm - reach, centre_norm + reach])
+                scan = self._by_norm[lo : hi + 1]
+        self.stats.scanned += scan.size
+        m = kern.prune_candidates(
+            self.G,
+            self.F,
+            self.D,
+            self.near,
+            self.centre_rows,
+            self.k,
+            E,
+            self.prune,
+            self.norms,
+            centre_norm,
+            scan,
+            self._todo,
         )
+        update = kern.lower_distances_parallel if m * E.size >= PARALLEL_MIN_WORK else kern.lower_distances
+        update(self.G, self.F, self.cand, self.D, self.near, self._todo, m, self.k, E)
+        self.stats.evaluated += m
         self.stats.possible += self.cand.size - self.taken
         self.k += 1
 
@@ -239,7 +278,7 @@ def k_center_greedy(
         positions[b], distances[b] = t, np.sqrt(d)
         tracker.take(t)
         if b + 1 < budget:
-            tracker.add(int(candidates[t]))
+            tracker.add(int(candidates[t]), max_d=d)
         if progress is not None and (b % step == 0 or b + 1 == budget):
             progress(b + 1, budget)
     return KCGResult(positions, distances, tracker.stats)

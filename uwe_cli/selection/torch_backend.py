@@ -61,7 +61,7 @@ class TorchCentreTracker(CentreTracker):
             out[s : s + step] = (diff * diff).sum(dim=(1, 2))
         return out
 
-    def add(self, row: int) -> None:
+    def add(self, row: int, max_d: float | None = None) -> None:
         import torch
 
         self._sync_in()
