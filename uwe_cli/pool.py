@@ -26,6 +26,13 @@ PASSTHROUGH_COLUMNS = ("source", *REGION_COLUMNS)
 READ_BATCH_ROWS = 65_536
 
 
+def batch_rows(dim: int | None) -> int:
+    """Rows per record batch: about 32 MB of features, so reading adds little beyond the matrix."""
+    if not dim:
+        return 4096
+    return max(256, min(READ_BATCH_ROWS, (32 << 20) // (4 * dim)))
+
+
 def pool_files(path: str | Path) -> list[Path]:
     """The Parquet files making up a pool: the file itself, or a directory's parts in sorted order."""
     path = Path(path)
@@ -237,7 +244,7 @@ def read_pool(
 
     row = 0
     for f, pf in zip(files, parquet, strict=True):
-        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+        for batch in pf.iter_batches(batch_size=batch_rows(dim), columns=columns):
             n = batch.num_rows
             where = f"{f}, rows {row}-{row + n - 1}"
             ids = batch.column("id")
@@ -283,6 +290,7 @@ def read_pool(
             row += n
 
     assert features is not None
+    pa.default_memory_pool().release_unused()
     ids_all = pa.concat_arrays(id_chunks) if len(id_chunks) > 1 else id_chunks[0]
     check_unique_ids(ids_all, "pool")
     extra_cols = {c: pa.concat_arrays(chunks) for c, chunks in extra_chunks.items() if chunks}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,9 @@ def resolve_device(device: str) -> tuple[str, str]:
     if device not in DEVICES:
         raise SelectionError(f"unknown --device '{device}' (choose from {', '.join(DEVICES)})")
     if device == "cpu":
+        return "numba", "cpu"
+    if device == "auto" and not glob.glob("/dev/nvidia[0-9]*") and "torch" not in sys.modules:
+        # No NVIDIA device node: do not pay torch's import (hundreds of MB of CUDA libraries) to learn that.
         return "numba", "cpu"
     import torch
 
