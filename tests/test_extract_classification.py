@@ -17,11 +17,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _images import write_images, write_truncated_png
 
 from uwe_cli.data import (
+    ClassificationPreprocess,
+    classification_preprocess,
     classification_transform,
     list_images,
     load_image,
     parse_shard,
     shard_items,
+    split_weights_transform,
 )
 from uwe_cli.errors import DataError, ModelError, PoolError
 from uwe_cli.extract.classification import ClassificationConfig, extract_classification
@@ -138,6 +141,64 @@ def test_shards_are_disjoint_and_cover() -> None:
 
 
 # ---------------------------------------------------------------- exactness
+
+
+def _split_batch(pre: ClassificationPreprocess, pils: list[object]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.stack([pre.geometry(img) for img in pils])
+    return x, pre.normalize(x)
+
+
+def test_split_preprocess_is_bit_identical(images: Path) -> None:
+    """uint8 geometry in the loader + one normalisation per batch == ToTensor + Normalize per image."""
+    pils = [load_image(item.path) for item in list_images(images)]
+    for kw in ({}, {"resize": 50, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}):
+        raw, x = _split_batch(classification_preprocess(SIZE, **kw), pils)  # type: ignore[arg-type]
+        assert raw.dtype == torch.uint8 and x.dtype == torch.float32
+        ref = torch.stack([classification_transform(SIZE, **kw)(img) for img in pils])  # type: ignore[arg-type]
+        assert torch.equal(x, ref)
+
+
+@pytest.mark.parametrize(
+    "weights", ["ResNet18_Weights.IMAGENET1K_V1", "EfficientNet_B0_Weights.IMAGENET1K_V1"]
+)
+def test_split_weights_transform_is_bit_identical(weights: str, images: Path) -> None:
+    """torchvision weights' transforms (bilinear and bicubic, various sizes) split the same way."""
+    transform = torchvision.models.get_weight(weights).transforms()
+    pre = split_weights_transform(transform)
+    assert pre.mean is not None  # really split, not the whole-transform fallback
+    pils = [load_image(item.path) for item in list_images(images)]
+    raw, x = _split_batch(pre, pils)
+    assert raw.dtype == torch.uint8
+    assert torch.equal(x, torch.stack([transform(img) for img in pils]))
+    whole = split_weights_transform(classification_transform(SIZE))  # not ImageClassification: kept whole
+    assert whole.mean is None
+    _, y = _split_batch(whole, pils)
+    assert torch.equal(y, torch.stack([classification_transform(SIZE)(img) for img in pils]))
+
+
+def test_weights_transform_path_equals_direct_forward(
+    images: Path, resnet: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --weights the model's own transforms are used; offline here, so the loaded model is faked."""
+    import uwe_cli.extract.classification as extractor
+    from uwe_cli.models import LoadedModel
+
+    transform = torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1").transforms()
+    monkeypatch.setattr(
+        extractor,
+        "load_model",
+        lambda *a, **k: LoadedModel(module=resnet, name="resnet18", weights_transform=transform),
+    )
+    out = tmp_path / "pool.parquet"
+    extract_classification(
+        ClassificationConfig(data=images, out=out, model="resnet18", batch_size=4, device="cpu")
+    )
+    table = load(out)
+    ids = table.column("id").to_pylist()
+    x = torch.stack([transform(load_image(images / i)) for i in ids])
+    with torch.no_grad():
+        probs = resnet(x).softmax(dim=1).numpy()
+    np.testing.assert_allclose(column_matrix(table, "probs"), probs, rtol=1e-4, atol=1e-6)
 
 
 def test_pool_equals_direct_forward(images: Path, resnet: torch.nn.Module, resnet_ckpt: Path, tmp_path: Path):

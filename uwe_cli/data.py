@@ -168,15 +168,10 @@ def load_image(path: str | Path) -> Any:
         raise DataError(f"cannot read image {path}: {reason}") from None
 
 
-def classification_transform(
-    image_size: int = 224,
-    resize: int | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Callable[[Any], Any]:
-    """Resize the shorter side, centre-crop, normalise: the usual evaluation transform of ImageNet models."""
-    from torchvision import transforms
-
+def _check_preprocess(
+    image_size: int, resize: int | None, mean: Sequence[float], std: Sequence[float]
+) -> int:
+    """Validate the preprocessing options; the resize to use (default image_size / 0.875)."""
     if image_size < 1:
         raise DataError(f"--image-size must be positive, got {image_size}")
     if resize is None:
@@ -187,6 +182,24 @@ def classification_transform(
         raise DataError("--mean and --std take three numbers each (R,G,B)")
     if any(s <= 0 for s in std):
         raise DataError("--std values must be positive")
+    return resize
+
+
+def classification_transform(
+    image_size: int = 224,
+    resize: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[Any], Any]:
+    """Resize the shorter side, centre-crop, normalise: the usual evaluation transform of ImageNet models.
+
+    One image at a time, PIL → normalised float tensor. Extraction uses the equivalent
+    `classification_preprocess` (same arithmetic, normalisation done per batch); this one is the
+    reference that tests and benchmarks compare against.
+    """
+    from torchvision import transforms
+
+    resize = _check_preprocess(image_size, resize, mean, std)
     return transforms.Compose(
         [
             transforms.Resize(resize, antialias=True),
@@ -194,6 +207,86 @@ def classification_transform(
             transforms.ToTensor(),
             transforms.Normalize(list(mean), list(std)),
         ]
+    )
+
+
+@dataclass(frozen=True)
+class ClassificationPreprocess:
+    """An evaluation transform split in two: per-image geometry in the loader, per-batch normalisation.
+
+    `geometry` runs in the DataLoader and turns a PIL image into a uint8 CHW tensor (resize,
+    centre-crop, no arithmetic); `normalize` turns a stacked uint8 batch into float32 on the device
+    with exactly the arithmetic of ToTensor + Normalize (x / 255, then (x - mean) / std), so the
+    values are bit-identical to the one-image-at-a-time transform. Per-image float arithmetic is
+    slow on CPU: torch parallelises each tiny op over its intra-op threads and, on a busy machine,
+    ~1 ms of work turns into tens of ms of thread synchronisation; one op per batch does not.
+
+    `mean`/`std` None means `geometry` already returns finished float tensors (a fallback for
+    transforms that cannot be split); `normalize` then passes them through.
+    """
+
+    geometry: Callable[[Any], Any]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def normalize(self, images: Any) -> Any:
+        """uint8 (B, C, H, W) → normalised float32, on the tensor's device; float input unchanged."""
+        import torch
+        from torchvision.transforms.functional import normalize
+
+        if images.dtype != torch.uint8 or self.mean is None or self.std is None:
+            return images
+        return normalize(images.to(torch.float32).div_(255), list(self.mean), list(self.std), inplace=True)
+
+
+def classification_preprocess(
+    image_size: int = 224,
+    resize: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> ClassificationPreprocess:
+    """`classification_transform`, split into loader geometry (uint8 output) and batch normalisation."""
+    from torchvision import transforms
+
+    resize = _check_preprocess(image_size, resize, mean, std)
+    geometry = transforms.Compose(
+        [
+            transforms.Resize(resize, antialias=True),
+            transforms.CenterCrop(image_size),
+            transforms.PILToTensor(),
+        ]
+    )
+    return ClassificationPreprocess(geometry, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+def split_weights_transform(transform: Callable[[Any], Any]) -> ClassificationPreprocess:
+    """The transforms of torchvision weights (`ImageClassification`) split the same way.
+
+    `ImageClassification` resizes, centre-crops, converts to float (x / 255) and normalises; the
+    first two become the loader geometry and the rest the batch step. Any other transform is kept
+    whole in the loader (correct, only slower).
+    """
+    from torchvision import transforms
+
+    try:  # a private module of torchvision: if it ever moves, fall back to the whole transform
+        from torchvision.transforms._presets import ImageClassification
+    except ImportError:
+        return ClassificationPreprocess(transform)
+    if not isinstance(transform, ImageClassification):
+        return ClassificationPreprocess(transform)
+    geometry = transforms.Compose(
+        [
+            transforms.Resize(
+                list(transform.resize_size),
+                interpolation=transform.interpolation,
+                antialias=transform.antialias,
+            ),
+            transforms.CenterCrop(list(transform.crop_size)),
+            transforms.PILToTensor(),
+        ]
+    )
+    return ClassificationPreprocess(
+        geometry, tuple(float(m) for m in transform.mean), tuple(float(s) for s in transform.std)
     )
 
 
@@ -248,7 +341,12 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> Any:
-    """A DataLoader over `items` in order, yielding `Batch` objects."""
+    """A DataLoader over `items` in order, yielding `Batch` objects.
+
+    Keep per-image work in `transform` free of torch arithmetic (see ClassificationPreprocess): with
+    num_workers=0 it runs in the main process on all intra-op threads. Worker processes already
+    run single-threaded (torch's worker loop sets one thread).
+    """
     from torch.utils.data import DataLoader
 
     if batch_size < 1:

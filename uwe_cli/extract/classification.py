@@ -21,11 +21,13 @@ from uwe_cli import __version__
 from uwe_cli.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ClassificationPreprocess,
     ImageItem,
-    classification_transform,
+    classification_preprocess,
     list_images,
     make_loader,
     shard_items,
+    split_weights_transform,
     write_skip_report,
 )
 from uwe_cli.errors import DataError, ModelError
@@ -162,15 +164,22 @@ class Member:
             self.tap.remove()
 
 
-def _resolve_transform(cfg: ClassificationConfig, first: LoadedModel) -> tuple[Any, dict[str, Any]]:
-    """The preprocessing and its description (which goes into the resume fingerprint)."""
+def _resolve_transform(
+    cfg: ClassificationConfig, first: LoadedModel
+) -> tuple[ClassificationPreprocess, dict[str, Any]]:
+    """The preprocessing and its description (which goes into the resume fingerprint).
+
+    Split in two (see ClassificationPreprocess): uint8 geometry in the loader, float conversion and
+    normalisation once per batch on the device; the values equal the one-image transform's.
+    """
     custom = any(v is not None for v in (cfg.image_size, cfg.resize, cfg.mean, cfg.std))
     if first.weights_transform is not None and not custom:
-        return first.weights_transform, {"weights_transform": str(first.weights_transform)}
+        desc = {"weights_transform": str(first.weights_transform)}
+        return split_weights_transform(first.weights_transform), desc
     image_size = cfg.image_size or 224
     mean = tuple(cfg.mean) if cfg.mean is not None else IMAGENET_MEAN
     std = tuple(cfg.std) if cfg.std is not None else IMAGENET_STD
-    transform = classification_transform(image_size, cfg.resize, mean, std)
+    transform = classification_preprocess(image_size, cfg.resize, mean, std)
     desc = {"image_size": image_size, "resize": cfg.resize, "mean": list(mean), "std": list(std)}
     return transform, desc
 
@@ -241,7 +250,9 @@ def extract_classification(cfg: ClassificationConfig, progress: ProgressFn | Non
     todo = [item for item in items if item.id not in done]
     total = len(items)
     use_amp = cfg.amp and device.type == "cuda"
-    loader = make_loader(todo, transform, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(
+        todo, transform.geometry, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda"
+    )
 
     skipped: list[tuple[ImageItem, str]] = []
     processed = 0
@@ -257,7 +268,7 @@ def extract_classification(cfg: ClassificationConfig, progress: ProgressFn | Non
                         raise DataError(f"{message} (use --skip-bad-images to leave such files out)")
                     skipped.append((todo[index], message))
                 if batch.images is not None:
-                    images = batch.images.to(device, non_blocking=True)
+                    images = transform.normalize(batch.images.to(device, non_blocking=True))
                     with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                         probs, feats, extra = _predict(members, images, cfg.mc_dropout)
                     batch_items = [todo[i] for i in batch.indices]
