@@ -6,40 +6,26 @@ from pathlib import Path
 
 import typer
 
-from uwe_cli.commands._common import cli_errors, show_progress, stderr, warn
-from uwe_cli.errors import DataError
-
-
-def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise DataError(f"{option} takes three comma-separated numbers, got '{text}'") from None
-    if len(values) != 3:
-        raise DataError(f"{option} takes three comma-separated numbers (R,G,B), got '{text}'")
-    return values
-
-
-def _class_names(text: str | None) -> list[str] | None:
-    """A text file with one name per line, or a comma-separated list."""
-    if not text:
-        return None
-    path = Path(text)
-    if path.is_file():
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not names:
-            raise DataError(f"--class-names file {path} is empty")
-        return names
-    return [name.strip() for name in text.split(",")]
+from uwe_cli.commands._common import cli_errors, show_progress, stderr
+from uwe_cli.commands._extract_options import (
+    ClassNames,
+    Data,
+    Device,
+    NumWorkers,
+    Out,
+    Quiet,
+    Shard,
+    SkipBadImages,
+    parse_class_names,
+    parse_floats,
+    warn_amp_on_cpu,
+    warn_skipped,
+)
 
 
 def classification(
-    data: Path = typer.Option(
-        ..., "--data", help="Image folder (recursive) or manifest CSV/Parquet (id,path)."
-    ),
-    out: Path = typer.Option(..., "--out", help="Pool file to write (.parquet); with --shard, a directory."),
+    data: Data,
+    out: Out,
     model: str | None = typer.Option(
         None, "--model", help="torchvision model name (e.g. resnet18) or pkg.module:factory."
     ),
@@ -57,9 +43,7 @@ def classification(
         "--feature-layer",
         help="Dotted module name whose output is the feature (default: last Linear input).",
     ),
-    class_names: str | None = typer.Option(
-        None, "--class-names", help="File with one class name per line, or a comma-separated list."
-    ),
+    class_names: ClassNames = None,
     image_size: int | None = typer.Option(
         None, "--image-size", help="Centre-crop size in pixels (default 224)."
     ),
@@ -69,18 +53,14 @@ def classification(
     mean: str | None = typer.Option(None, "--mean", help="Normalisation mean R,G,B (default ImageNet)."),
     std: str | None = typer.Option(None, "--std", help="Normalisation std R,G,B (default ImageNet)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes decoding images."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    num_workers: NumWorkers = 2,
+    device: Device = "auto",
     amp: bool = typer.Option(False, "--amp", help="Half-precision autocast (CUDA only)."),
     mc_dropout: int = typer.Option(0, "--mc-dropout", help="Stochastic passes with dropout on (adds bald)."),
-    shard: str | None = typer.Option(
-        None, "--shard", help="K/N: process the K-th (0-based) of N slices into OUT/part-K-of-N.parquet."
-    ),
-    skip_bad_images: bool = typer.Option(
-        False, "--skip-bad-images", help="Leave unreadable images out and list them in OUT.skipped.csv."
-    ),
+    shard: Shard = None,
+    skip_bad_images: SkipBadImages = False,
     no_probs: bool = typer.Option(False, "--no-probs", help="Do not write the probs column."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    quiet: Quiet = False,
 ) -> None:
     """Run a classifier over images and write a Parquet pool (feature, uncertainty, probs, pred)."""
     with cli_errors():
@@ -95,11 +75,11 @@ def classification(
             num_classes=num_classes,
             weights=weights,
             feature_layer=feature_layer,
-            class_names=_class_names(class_names),
+            class_names=parse_class_names(class_names),
             image_size=image_size,
             resize=resize,
-            mean=_floats(mean, "--mean"),
-            std=_floats(std, "--std"),
+            mean=parse_floats(mean, "--mean"),
+            std=parse_floats(std, "--std"),
             batch_size=batch_size,
             num_workers=num_workers,
             device=device,
@@ -109,12 +89,10 @@ def classification(
             skip_bad_images=skip_bad_images,
             write_probs=not no_probs,
         )
-        if amp and device == "cpu":
-            warn("--amp only applies on CUDA; running in float32 on the CPU")
+        warn_amp_on_cpu(amp, device)
         with _progress(show_progress(quiet)) as update:
             result = extract_classification(cfg, progress=update)
-        if result.skipped:
-            warn(f"{len(result.skipped)} unreadable image(s) left out; listed in {result.skip_report}")
+        warn_skipped(result)
         if not quiet:
             resumed = f", {result.resumed} resumed from an earlier run" if result.resumed else ""
             stderr.print(

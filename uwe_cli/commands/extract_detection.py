@@ -6,28 +6,23 @@ from pathlib import Path
 
 import typer
 
-from uwe_cli.commands._common import cli_errors, progress_callback, show_progress, stderr, warn
-from uwe_cli.errors import DataError
-
-
-def _class_names(text: str | None) -> list[str] | None:
-    """A text file with one name per line, or a comma-separated list."""
-    if not text:
-        return None
-    path = Path(text)
-    if path.is_file():
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not names:
-            raise DataError(f"--class-names file {path} is empty")
-        return names
-    return [name.strip() for name in text.split(",")]
+from uwe_cli.commands._common import cli_errors, progress_callback, show_progress, stderr
+from uwe_cli.commands._extract_options import (
+    Data,
+    Device,
+    NumWorkers,
+    Out,
+    Quiet,
+    Shard,
+    SkipBadImages,
+    parse_class_names,
+    warn_skipped,
+)
 
 
 def detection(
-    data: Path = typer.Option(
-        ..., "--data", help="Image folder (recursive) or manifest CSV/Parquet (id,path)."
-    ),
-    out: Path = typer.Option(..., "--out", help="Pool file to write (.parquet); with --shard, a directory."),
+    data: Data,
+    out: Out,
     model: str | None = typer.Option(
         None,
         "--model",
@@ -66,19 +61,15 @@ def detection(
         None, "--max-size", help="Longer-side cap of that resize (R-CNN, RetinaNet, FCOS) [model's own]."
     ),
     batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass."),
-    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes decoding images."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    shard: str | None = typer.Option(
-        None, "--shard", help="K/N: process the K-th (0-based) of N slices into OUT/part-K-of-N.parquet."
-    ),
-    skip_bad_images: bool = typer.Option(
-        False, "--skip-bad-images", help="Leave unreadable images out and list them in OUT.skipped.csv."
-    ),
+    num_workers: NumWorkers = 2,
+    device: Device = "auto",
+    shard: Shard = None,
+    skip_bad_images: SkipBadImages = False,
     no_probs: bool = typer.Option(False, "--no-probs", help="Do not write the per-box probs column."),
     visualize: Path | None = typer.Option(
         None, "--visualize", help="Folder for PNGs with the kept boxes; per class the max-bvsb box in bold."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    quiet: Quiet = False,
 ) -> None:
     """Run a detector over images and write a detection pool: one row per kept box (label, score, box,
     bvsb/entropy/least_confidence, probs, feature) and a null-label row per image without boxes."""
@@ -93,7 +84,7 @@ def detection(
             checkpoint=checkpoint,
             num_classes=num_classes,
             weights=weights,
-            class_names=_class_names(class_names),
+            class_names=parse_class_names(class_names),
             score_threshold=score_threshold,
             max_detections=max_detections,
             min_size=min_size,
@@ -108,8 +99,7 @@ def detection(
         )
         with progress_callback("detecting", show_progress(quiet)) as update:
             result = extract_detection(cfg, progress=update)
-        if result.skipped:
-            warn(f"{len(result.skipped)} unreadable image(s) left out; listed in {result.skip_report}")
+        warn_skipped(result)
         if not quiet:
             resumed = f", {result.resumed} resumed from an earlier run" if result.resumed else ""
             stderr.print(

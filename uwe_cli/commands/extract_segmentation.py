@@ -6,14 +6,26 @@ from pathlib import Path
 
 import typer
 
-from uwe_cli.commands._common import cli_errors, show_progress, stderr, warn
+from uwe_cli.commands._common import cli_errors, show_progress, stderr
+from uwe_cli.commands._extract_options import (
+    ClassNames,
+    Data,
+    Device,
+    NumWorkers,
+    Out,
+    Quiet,
+    Shard,
+    SkipBadImages,
+    parse_class_names,
+    parse_floats,
+    warn_amp_on_cpu,
+    warn_skipped,
+)
 
 
 def segmentation(
-    data: Path = typer.Option(
-        ..., "--data", help="Image folder (recursive) or manifest CSV/Parquet (id,path)."
-    ),
-    out: Path = typer.Option(..., "--out", help="Pool file to write (.parquet); with --shard, a directory."),
+    data: Data,
+    out: Out,
     model: str | None = typer.Option(
         None,
         "--model",
@@ -33,9 +45,7 @@ def segmentation(
         "--feature-layer",
         help="Dotted module name whose INPUT is the pixel feature (default: last Conv2d with K outputs).",
     ),
-    class_names: str | None = typer.Option(
-        None, "--class-names", help="File with one class name per line, or a comma-separated list."
-    ),
+    class_names: ClassNames = None,
     region_size: str | None = typer.Option(
         None, "--region-size", help="none (one row per image), N or HxW: one row per region of the grid."
     ),
@@ -48,26 +58,22 @@ def segmentation(
     mean: str | None = typer.Option(None, "--mean", help="Normalisation mean R,G,B (default: ImageNet)."),
     std: str | None = typer.Option(None, "--std", help="Normalisation std R,G,B (default: ImageNet)."),
     batch_size: int = typer.Option(2, "--batch-size", help="Images per forward pass (equal sizes only)."),
-    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader worker processes decoding images."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    num_workers: NumWorkers = 2,
+    device: Device = "auto",
     amp: bool = typer.Option(False, "--amp", help="Half-precision autocast for the model (CUDA only)."),
-    shard: str | None = typer.Option(
-        None, "--shard", help="K/N: process the K-th (0-based) of N slices into OUT/part-K-of-N.parquet."
-    ),
-    skip_bad_images: bool = typer.Option(
-        False, "--skip-bad-images", help="Leave unreadable images out and list them in OUT.skipped.csv."
-    ),
+    shard: Shard = None,
+    skip_bad_images: SkipBadImages = False,
     heatmaps: Path | None = typer.Option(
         None, "--heatmaps", help="Write DIR/<image id>.png: pixel uncertainty as a colour map."
     ),
     heatmap_measure: str = typer.Option(
         "entropy", "--heatmap-measure", help="entropy, bvsb or least_confidence for --heatmaps."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    quiet: Quiet = False,
 ) -> None:
     """Run a segmentation model over images; write a Parquet pool of mean pixel uncertainty and features."""
     with cli_errors():
-        from uwe_cli.commands.extract_classification import _class_names, _floats, _progress
+        from uwe_cli.commands.extract_classification import _progress
         from uwe_cli.data import parse_shard
         from uwe_cli.extract.segmentation import SegmentationConfig, extract_segmentation
 
@@ -79,12 +85,12 @@ def segmentation(
             num_classes=num_classes,
             weights=weights,
             feature_layer=feature_layer,
-            class_names=_class_names(class_names),
+            class_names=parse_class_names(class_names),
             region_size=region_size,
             region_stride=region_stride,
             resize=resize,
-            mean=_floats(mean, "--mean"),
-            std=_floats(std, "--std"),
+            mean=parse_floats(mean, "--mean"),
+            std=parse_floats(std, "--std"),
             batch_size=batch_size,
             num_workers=num_workers,
             device=device,
@@ -94,12 +100,10 @@ def segmentation(
             heatmaps=heatmaps,
             heatmap_measure=heatmap_measure,
         )
-        if amp and device == "cpu":
-            warn("--amp only applies on CUDA; running in float32 on the CPU")
+        warn_amp_on_cpu(amp, device)
         with _progress(show_progress(quiet)) as update:
             result = extract_segmentation(cfg, progress=update)
-        if result.skipped:
-            warn(f"{len(result.skipped)} unreadable image(s) left out; listed in {result.skip_report}")
+        warn_skipped(result)
         if not quiet:
             resumed = f", {result.resumed} images resumed from an earlier run" if result.resumed else ""
             heat = f"; {result.heatmaps} heatmaps in {heatmaps}" if result.heatmaps else ""

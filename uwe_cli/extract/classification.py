@@ -28,10 +28,10 @@ from uwe_cli.data import (
     make_loader,
     shard_items,
     split_weights_transform,
-    write_skip_report,
 )
 from uwe_cli.errors import DataError, ModelError
-from uwe_cli.extract.writer import DEFAULT_PART_ROWS, ResumablePoolWriter, shard_target
+from uwe_cli.extract.common import finish_run, open_writer, record_failures
+from uwe_cli.extract.writer import DEFAULT_PART_ROWS, shard_target
 from uwe_cli.models import (
     LoadedModel,
     enable_dropout,
@@ -245,9 +245,7 @@ def extract_classification(cfg: ClassificationConfig, progress: ProgressFn | Non
         "probs": cfg.write_probs,
         "shard": list(cfg.shard) if cfg.shard else None,
     }
-    writer = ResumablePoolWriter(target, fingerprint, part_rows=cfg.part_rows)
-    done = writer.done_ids()
-    todo = [item for item in items if item.id not in done]
+    writer, done, todo = open_writer(target, fingerprint, items, cfg.part_rows)
     total = len(items)
     use_amp = cfg.amp and device.type == "cuda"
     loader = make_loader(
@@ -263,10 +261,7 @@ def extract_classification(cfg: ClassificationConfig, progress: ProgressFn | Non
             progress(len(done), total)
         with torch.inference_mode():
             for batch in loader:
-                for index, message in batch.failures:
-                    if not cfg.skip_bad_images:
-                        raise DataError(f"{message} (use --skip-bad-images to leave such files out)")
-                    skipped.append((todo[index], message))
+                record_failures(batch.failures, todo, skipped, cfg.skip_bad_images)
                 if batch.images is not None:
                     images = transform.normalize(batch.images.to(device, non_blocking=True))
                     with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
@@ -290,34 +285,17 @@ def extract_classification(cfg: ClassificationConfig, progress: ProgressFn | Non
     finally:
         for m in members:
             m.close()
-    seconds = time.perf_counter() - start
-    report = None
-    report_path = target.with_name(target.name.removesuffix(".parquet") + ".skipped.csv")
-    if skipped:
-        write_skip_report(report_path, skipped)
-        report = report_path
-    elif report_path.exists():
-        report_path.unlink()
-    if not meta:
-        import pyarrow.parquet as pq
-
-        from uwe_cli.pool import read_metadata
-
-        meta = read_metadata(pq.read_schema(target))
-    return ExtractionResult(
-        out=target,
+    summary = finish_run(
+        target,
+        start=start,
         rows=rows,
         processed=processed,
         resumed=len(done),
         skipped=skipped,
-        skip_report=report,
-        seconds=seconds,
-        images_per_second=processed / seconds if seconds > 0 else 0.0,
-        feature_dim=int(meta.get("feature_dim", 0)),
-        num_classes=int(meta.get("num_classes", 0)),
-        device=str(device),
-        metadata=meta,
+        meta=meta,
+        device=device,
     )
+    return ExtractionResult(**summary)
 
 
 def _predict(members: list[Member], images: Any, mc_dropout: int) -> tuple[Any, Any, dict[str, Any]]:

@@ -63,9 +63,10 @@ import pyarrow as pa
 
 from uwe_cli import __version__
 from uwe_cli.atomic import atomic_path
-from uwe_cli.data import Batch, ImageDataset, ImageItem, list_images, shard_items, write_skip_report
+from uwe_cli.data import Batch, ImageDataset, ImageItem, list_images, shard_items
 from uwe_cli.errors import DataError, ModelError, UweError
-from uwe_cli.extract.writer import DEFAULT_PART_ROWS, ResumablePoolWriter, shard_target
+from uwe_cli.extract.common import finish_run, open_writer, record_failures
+from uwe_cli.extract.writer import DEFAULT_PART_ROWS, shard_target
 
 if TYPE_CHECKING:
     import torch
@@ -941,9 +942,7 @@ def extract_detection(cfg: DetectionConfig, progress: ProgressFn | None = None) 
         "probs": cfg.write_probs,
         "shard": list(cfg.shard) if cfg.shard else None,
     }
-    writer = ResumablePoolWriter(target, fingerprint, part_rows=cfg.part_rows)
-    done = writer.done_ids()
-    todo = [item for item in items if item.id not in done]
+    writer, done, todo = open_writer(target, fingerprint, items, cfg.part_rows)
     total = len(items)
     loader = _make_loader(todo, cfg.batch_size, cfg.num_workers, pin=device.type == "cuda")
     vis_dir = Path(cfg.visualize) if cfg.visualize is not None else None
@@ -957,10 +956,7 @@ def extract_detection(cfg: DetectionConfig, progress: ProgressFn | None = None) 
         if progress is not None:
             progress(len(done), total)
         for batch in loader:
-            for index, message in batch.failures:
-                if not cfg.skip_bad_images:
-                    raise DataError(f"{message} (use --skip-bad-images to leave such files out)")
-                skipped.append((todo[index], message))
+            record_failures(batch.failures, todo, skipped, cfg.skip_bad_images)
             if batch.images is not None:
                 images = [t.to(device, non_blocking=True) for t in batch.images]
                 try:
@@ -1018,37 +1014,18 @@ def extract_detection(cfg: DetectionConfig, progress: ProgressFn | None = None) 
     except BaseException:
         writer.abandon()
         raise
-    seconds = time.perf_counter() - start
-    report = None
-    report_path = target.with_name(target.name.removesuffix(".parquet") + ".skipped.csv")
-    if skipped:
-        write_skip_report(report_path, skipped)
-        report = report_path
-    elif report_path.exists():
-        report_path.unlink()
-    if not meta:
-        import pyarrow.parquet as pq
-
-        from uwe_cli.pool import read_metadata
-
-        meta = read_metadata(pq.read_schema(target))
-    return DetectionResult(
-        out=target,
+    summary = finish_run(
+        target,
+        start=start,
         rows=rows,
         processed=processed,
         resumed=len(done),
-        detections=detections,
-        empty_images=empty,
         skipped=skipped,
-        skip_report=report,
-        seconds=seconds,
-        images_per_second=processed / seconds if seconds > 0 else 0.0,
-        feature_dim=int(meta.get("feature_dim", 0)),
-        num_classes=int(meta.get("num_classes", 0)),
-        family=family,
-        device=str(device),
-        visualized=visualized,
-        metadata=meta,
+        meta=meta,
+        device=device,
+    )
+    return DetectionResult(
+        **summary, detections=detections, empty_images=empty, family=family, visualized=visualized
     )
 
 

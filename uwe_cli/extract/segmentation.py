@@ -39,12 +39,11 @@ from uwe_cli.data import (
     ImageItem,
     list_images,
     shard_items,
-    write_skip_report,
 )
 from uwe_cli.errors import DataError, ModelError, UweError
-from uwe_cli.extract.writer import DEFAULT_PART_ROWS, ResumablePoolWriter, shard_target
+from uwe_cli.extract.common import finish_run, open_writer, record_failures
+from uwe_cli.extract.writer import DEFAULT_PART_ROWS, shard_target
 from uwe_cli.models import LoadedModel, load_model, resolve_device
-from uwe_cli.pool import read_metadata
 
 if TYPE_CHECKING:  # torch is imported lazily so that `uwe --help` stays fast
     import torch
@@ -679,11 +678,9 @@ def extract_segmentation(cfg: SegmentationConfig, progress: ProgressFn | None = 
         "shard": list(cfg.shard) if cfg.shard else None,
     }
     # Region pools resume by image: parts never split an image, so one image_id seen means done.
-    writer = ResumablePoolWriter(
-        target, fingerprint, part_rows=cfg.part_rows, id_column="image_id" if regions else "id"
+    writer, done, todo = open_writer(
+        target, fingerprint, items, cfg.part_rows, id_column="image_id" if regions else "id"
     )
-    done = writer.done_ids()
-    todo = [item for item in items if item.id not in done]
     total = len(items)
     loader = DataLoader(
         ImageDataset(todo, transform),  # type: ignore[arg-type]
@@ -706,10 +703,7 @@ def extract_segmentation(cfg: SegmentationConfig, progress: ProgressFn | None = 
             progress(len(done), total)
         with torch.inference_mode():
             for good, failures in loader:
-                for index, message in failures:
-                    if not cfg.skip_bad_images:
-                        raise DataError(f"{message} (use --skip-bad-images to leave such files out)")
-                    skipped.append((todo[index], message))
+                record_failures(failures, todo, skipped, cfg.skip_bad_images)
                 for run in _size_runs(good):
                     images = torch.stack([x.tensor for x in run]).to(device, non_blocking=True)
                     with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
@@ -741,33 +735,20 @@ def extract_segmentation(cfg: SegmentationConfig, progress: ProgressFn | None = 
         raise
     finally:
         runner.close()
-    seconds = time.perf_counter() - start
-    report = None
-    report_path = target.with_name(target.name.removesuffix(".parquet") + ".skipped.csv")
-    if skipped:
-        write_skip_report(report_path, skipped)
-        report = report_path
-    elif report_path.exists():
-        report_path.unlink()
-    if not meta:
-        import pyarrow.parquet as pq
-
-        meta = read_metadata(pq.read_schema(target))
-    return SegmentationResult(
-        out=target,
+    summary = finish_run(
+        target,
+        start=start,
         rows=rows,
         processed=processed,
         resumed=len(done),
         skipped=skipped,
-        skip_report=report,
-        seconds=seconds,
-        images_per_second=processed / seconds if seconds > 0 else 0.0,
-        feature_dim=int(meta.get("feature_dim", 0)),
-        num_classes=int(meta.get("num_classes", 0)),
-        feature_layer=str(meta.get("feature_layer", runner.layer_name)),
+        meta=meta,
+        device=device,
+    )
+    return SegmentationResult(
+        **summary,
+        feature_layer=str(summary["metadata"].get("feature_layer", runner.layer_name)),
         heatmaps=heatmaps,
-        device=str(device),
-        metadata=meta,
     )
 
 
