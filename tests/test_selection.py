@@ -189,7 +189,9 @@ def test_badge_equals_dense_gradient_embedding_reference(rng):
 
 TORCH_ENGINES = {
     "torch-cpu-pruned": lambda F, w, c, lab, b: k_center_greedy(F, w, c, lab, b, backend="torch"),
-    "torch-cpu-unpruned": lambda F, w, c, lab, b: k_center_greedy(F, w, c, lab, b, backend="torch", prune=False),
+    "torch-cpu-unpruned": lambda F, w, c, lab, b: k_center_greedy(
+        F, w, c, lab, b, backend="torch", prune=False
+    ),
 }
 
 
