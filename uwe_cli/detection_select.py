@@ -10,7 +10,6 @@ import numpy as np
 from uwe_cli.batch import Batch
 from uwe_cli.detection_pool import is_detection_pool, read_detection_pool
 from uwe_cli.errors import SelectionError
-from uwe_cli.ids import rows_of
 from uwe_cli.selection.engine import Progress
 
 __all__ = ["is_detection_pool", "run_detection_select"]
@@ -33,7 +32,7 @@ def run_detection_select(
     started: float,
 ):
     """Select images from a detection pool; `coreset` is class-wise KCG with tau = 0 (raw box features)."""
-    from uwe_cli.select import SelectResult, split_pool
+    from uwe_cli.select import SelectResult, resolve_split
     from uwe_cli.selection.classwise import build_classwise, classwise_kcg
 
     if strategy not in DETECTION_STRATEGIES:
@@ -41,14 +40,8 @@ def run_detection_select(
             f"--strategy {strategy} is not available for detection pools (use {', '.join(DETECTION_STRATEGIES)})"
         )
     pool = read_detection_pool(paths, None if uncertainty in (None, "", "auto") else uncertainty)
-    warnings: list[str] = []
-    labeled_rows, missing_labeled = rows_of(labeled_ids, pool.image_ids)
-    exclude_rows, missing_excluded = rows_of(exclude_ids, pool.image_ids)
-    if missing_labeled:
-        warnings.append(f"{missing_labeled} labeled IDs are not in the pool (ignored)")
-    if missing_excluded:
-        warnings.append(f"{missing_excluded} excluded IDs are not in the pool (ignored)")
-    candidates, in_play = split_pool(pool.num_images, labeled_rows, exclude_rows, budget)
+    split = resolve_split(pool.image_ids, labeled_ids, exclude_ids, budget)
+    labeled_rows, candidates, in_play = split.labeled, split.candidates, split.in_play
     emb = build_classwise(pool, in_play, 0.0 if strategy == "coreset" else tau, normalize, aggregate)
     stats: dict[str, int] = {}
     distances: np.ndarray | None = None
@@ -77,8 +70,8 @@ def run_detection_select(
         "boxes": pool.num_boxes,
         "candidates": int(candidates.size),
         "labeled": int(labeled_rows.size),
-        "labeled_missing": missing_labeled,
-        "excluded": int(np.setdiff1d(exclude_rows, labeled_rows).size),
+        "labeled_missing": split.missing_labeled,
+        "excluded": int(split.excluded.size),
         "feature_dim": pool.dim,
         "num_classes": pool.num_classes,
         "task": "detection",
@@ -90,4 +83,4 @@ def run_detection_select(
         "skipped_distance_fraction": (1 - stats.get("distances", 0) / unpruned) if unpruned else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return SelectResult(batch, summary, warnings)
+    return SelectResult(batch, summary, split.warnings)

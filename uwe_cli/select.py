@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from uwe_cli.batch import Batch
 from uwe_cli.embedding import normalize_uncertainty, uwe_weights
@@ -159,6 +160,34 @@ def run_select(
     )
 
 
+@dataclass
+class PoolSplit:
+    """Which rows are labeled, excluded, candidates and in play, plus the warnings for unknown IDs."""
+
+    labeled: np.ndarray
+    excluded: np.ndarray
+    candidates: np.ndarray
+    in_play: np.ndarray
+    missing_labeled: int
+    warnings: list[str]
+
+
+def resolve_split(
+    pool_ids: pa.Array, labeled_ids: list[str], exclude_ids: list[str], budget: int
+) -> PoolSplit:
+    """Map --labeled / --exclude IDs onto pool rows and check the budget against the candidates."""
+    labeled_rows, missing_labeled = rows_of(labeled_ids, pool_ids)
+    exclude_rows, missing_excluded = rows_of(exclude_ids, pool_ids)
+    warnings = []
+    if missing_labeled:
+        warnings.append(f"{missing_labeled} labeled IDs are not in the pool (ignored)")
+    if missing_excluded:
+        warnings.append(f"{missing_excluded} excluded IDs are not in the pool (ignored)")
+    candidates, in_play = split_pool(len(pool_ids), labeled_rows, exclude_rows, budget)
+    excluded = np.setdiff1d(exclude_rows, labeled_rows)
+    return PoolSplit(labeled_rows, excluded, candidates, in_play, missing_labeled, warnings)
+
+
 def split_pool(
     n: int, labeled_rows: np.ndarray, exclude_rows: np.ndarray, budget: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -193,14 +222,8 @@ def _select_units(
     device: str = "cpu",
 ) -> SelectResult:
     strat = get_strategy(strategy)
-    warnings: list[str] = []
-    labeled_rows, missing_labeled = rows_of(labeled_ids, pool.ids)
-    exclude_rows, missing_excluded = rows_of(exclude_ids, pool.ids)
-    if missing_labeled:
-        warnings.append(f"{missing_labeled} labeled IDs are not in the pool (ignored)")
-    if missing_excluded:
-        warnings.append(f"{missing_excluded} excluded IDs are not in the pool (ignored)")
-    candidates, in_play = split_pool(pool.size, labeled_rows, exclude_rows, budget)
+    split = resolve_split(pool.ids, labeled_ids, exclude_ids, budget)
+    labeled_rows, candidates, in_play = split.labeled, split.candidates, split.in_play
 
     u_norm = weights = None
     if pool.uncertainty is not None:
@@ -235,8 +258,8 @@ def _select_units(
         "pool_size": pool.size,
         "candidates": int(candidates.size),
         "labeled": int(labeled_rows.size),
-        "labeled_missing": missing_labeled,
-        "excluded": int(np.setdiff1d(exclude_rows, labeled_rows).size),
+        "labeled_missing": split.missing_labeled,
+        "excluded": int(split.excluded.size),
         "feature_dim": pool.dim,
         "task": pool.task,
         "uncertainty": pool.uncertainty_column,
@@ -247,4 +270,4 @@ def _select_units(
         "skipped_distance_fraction": out.skipped_fraction,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return SelectResult(batch, summary, warnings)
+    return SelectResult(batch, summary, split.warnings)

@@ -154,9 +154,7 @@ def kmeanspp_seeding(
     return positions
 
 
-@register("kmeanspp", help="K-Means++ seeding on uncertainty-weighted embeddings (seeded)")
-def kmeanspp(inp: StrategyInput) -> StrategyOutput:
-    G = as_weights(inp.weights, inp.features.shape[0])
+def _seeded(inp: StrategyInput, G: np.ndarray) -> StrategyOutput:
     pos = kmeanspp_seeding(
         inp.features,
         G,
@@ -170,6 +168,11 @@ def kmeanspp(inp: StrategyInput) -> StrategyOutput:
         inp.device,
     )
     return StrategyOutput(pos, None)
+
+
+@register("kmeanspp", help="K-Means++ seeding on uncertainty-weighted embeddings (seeded)")
+def kmeanspp(inp: StrategyInput) -> StrategyOutput:
+    return _seeded(inp, as_weights(inp.weights, inp.features.shape[0]))
 
 
 def badge_weights(probs: np.ndarray) -> np.ndarray:
@@ -182,17 +185,4 @@ def badge_weights(probs: np.ndarray) -> np.ndarray:
 @register("badge", needs_uncertainty=False, needs_probs=True, help="K-Means++ on BADGE gradient embeddings")
 def badge(inp: StrategyInput) -> StrategyOutput:
     assert inp.probs is not None
-    G = badge_weights(inp.probs)
-    pos = kmeanspp_seeding(
-        inp.features,
-        G,
-        inp.candidates,
-        inp.labeled,
-        inp.budget,
-        inp.seed,
-        inp.prune,
-        inp.progress,
-        inp.backend,
-        inp.device,
-    )
-    return StrategyOutput(pos, None)
+    return _seeded(inp, badge_weights(inp.probs))
