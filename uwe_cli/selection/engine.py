@@ -73,19 +73,23 @@ class CentreTracker:
     ) -> None:
         self.F = features
         self.G = weights
-        self.cand = np.ascontiguousarray(candidates, dtype=np.int64)
+        candidates = np.ascontiguousarray(candidates, dtype=np.int64)
+        self.sq_norms = kern.sq_norms(self.G, self.F, candidates)
+        # Internally candidates are kept in order of embedding norm: a centre c can only improve i when
+        # |‖x_i‖ − ‖c‖| < √D(i) ≤ √max D, so each update scans one contiguous, cache-friendly slice.
+        # Positions in the public API (argmax, take, distances) stay those of `candidates`.
+        self._orig = np.argsort(self.sq_norms, kind="stable")
+        self._pos = np.empty_like(self._orig)
+        self._pos[self._orig] = np.arange(self._orig.size)
+        self.cand = candidates[self._orig]
+        self.norms = np.sqrt(self.sq_norms[self._orig])
+        self._positions = np.arange(self.cand.size, dtype=np.int64)
         self.D = np.full(self.cand.size, np.inf, dtype=np.float64)
         self.near = np.full(self.cand.size, -1, dtype=np.int32)
         self.centre_rows = np.empty(max(capacity, 1), dtype=np.int64)
         self.k = 0
         self.prune = prune
-        self.sq_norms = kern.sq_norms(self.G, self.F, self.cand)
-        self.norms = np.sqrt(self.sq_norms)
         self._todo = np.empty(self.cand.size, dtype=np.int64)
-        # Candidates by norm: a centre c can only improve i when |‖x_i‖ − ‖c‖| < √D(i) ≤ √max D, so each
-        # update scans one contiguous window of this order instead of every candidate.
-        self._by_norm = np.argsort(self.norms, kind="stable")
-        self._sorted_norms = self.norms[self._by_norm]
         self.taken = 0
         self.stats = TrackerStats()
 
@@ -166,14 +170,14 @@ class CentreTracker:
         E = kern.centre_embedding(self.G, self.F, row)
         self.centre_rows[self.k] = row
         centre_norm = float(np.sqrt((E * E).sum()))
-        scan = self._by_norm
+        scan = self._positions
         if self.prune:
             top = float(self.D.max()) if max_d is None else max_d
             if np.isfinite(top):
                 root = np.sqrt(max(top, 0.0))
                 reach = root * (1 + 1e-9) + 1e-9 * (centre_norm + root)
-                lo, hi = np.searchsorted(self._sorted_norms, [centre_norm - reach, centre_norm + reach])
-                scan = self._by_norm[lo : hi + 1]
+                lo, hi = np.searchsorted(self.norms, [centre_norm - reach, centre_norm + reach])
+                scan = self._positions[lo : hi + 1]
         self.stats.scanned += scan.size
         m = kern.prune_candidates(
             self.G,
@@ -196,17 +200,20 @@ class CentreTracker:
         self.k += 1
 
     def distances(self) -> np.ndarray:
-        """D for every candidate (-1 for picked ones), as a numpy array."""
-        return self.D
+        """D for every candidate in the caller's order (-1 for picked ones)."""
+        return self.D[self._pos]
 
     def argmax(self) -> tuple[int, float]:
-        """The live candidate of largest D (the first one on ties) and its D."""
-        t = int(np.argmax(self.D))
-        return t, float(self.D[t])
+        """The live candidate of largest D and its D; ties go to the earliest candidate in the caller's order."""
+        best = int(np.argmax(self.D))
+        top = self.D[best]
+        tied = np.flatnonzero(top == self.D)
+        t = int(self._orig[tied].min()) if tied.size > 1 else int(self._orig[best])
+        return t, float(top)
 
     def take(self, t: int) -> None:
         """Remove candidate position t from play (it has been selected)."""
-        self.D[t] = -1.0
+        self.D[self._pos[t]] = -1.0
         self.taken += 1
 
 

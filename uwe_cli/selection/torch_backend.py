@@ -91,16 +91,18 @@ class TorchCentreTracker(CentreTracker):
 
     def take(self, t: int) -> None:
         self._sync_in()
-        self._D[t] = -1.0
+        self._D[int(self._pos[t])] = -1.0
         self.taken += 1
 
     def distances(self) -> np.ndarray:
         self._sync_in()
-        return self._D.cpu().numpy()
+        return self._D.cpu().numpy()[self._pos]
 
     def argmax(self) -> tuple[int, float]:
+        """As CentreTracker.argmax: ties go to the earliest candidate in the caller's order."""
         import torch
 
         self._sync_in()
-        t = int(torch.argmax(self._D))
-        return t, float(self._D[t])
+        top = torch.max(self._D)
+        tied = torch.nonzero(top == self._D).flatten().cpu().numpy()
+        return int(self._orig[tied].min()), float(top)
