@@ -22,8 +22,9 @@ from uwe_cli.selection.engine import Progress
 from uwe_cli.selection.strategies import StrategyInput, get_strategy
 
 DEVICES = ("auto", "cpu", "cuda")
-# Working memory of the selection beyond the feature matrix: D, nearest centre, weights, ids.
-PER_ROW_OVERHEAD_BYTES = 8 + 4 + 8 + 8 + 24
+# Working memory of the selection beyond the feature matrix, per row: distances, nearest centre, norms,
+# norm order and positions, weights, IDs (measured ~110 bytes at 10M rows).
+PER_ROW_OVERHEAD_BYTES = 120
 
 
 @dataclass
