@@ -368,3 +368,19 @@ def test_detection_pool_select_equals_dense_reference(tmp_path, rng, aggregate):
     got = read_batch(out)
     assert [row["id"] for row in got] == [f"im{i:03d}" for i in cand[picks]]
     np.testing.assert_allclose([float(row["distance"]) for row in got], dists, rtol=1e-9)
+
+
+def test_named_uncertainty_is_reported_by_strategies_that_do_not_use_it(tmp_path, pool):
+    path, _, u = pool
+    out = tmp_path / "b.csv"
+    r = invoke(
+        "select", path, "--budget", 4, "--strategy", "coreset", "--uncertainty", "entropy", "--out", out
+    )
+    assert r.exit_code == 0, r.output
+    u_norm = minmax(u.astype(np.float64), np.ones(len(u), bool))
+    rows = read_batch(out)
+    np.testing.assert_allclose(
+        [float(x["uncertainty"]) for x in rows], [u_norm[int(x["id"][1:])] for x in rows]
+    )
+    r = invoke("select", path, "--budget", 4, "--strategy", "coreset", "--uncertainty", "nope", "--out", out)
+    assert r.exit_code == 2 and "uncertainty column 'nope' not found" in r.stderr

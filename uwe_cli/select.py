@@ -139,11 +139,10 @@ def run_select(
         )
 
     check_memory(paths, max_memory)
-    pool = read_pool(
-        paths, uncertainty, need_uncertainty=strat.needs_uncertainty, need_probs=strat.needs_probs
-    )
-    if uncertainty not in (None, "", "auto") and not strat.needs_uncertainty and pool.uncertainty is None:
-        pool = read_pool(paths, uncertainty, need_uncertainty=True, need_probs=strat.needs_probs)
+    # A named uncertainty column is read (and validated) even by strategies that do not need one, so the
+    # batch file reports it.
+    need_uncertainty = strat.needs_uncertainty or uncertainty not in (None, "", "auto")
+    pool = read_pool(paths, uncertainty, need_uncertainty=need_uncertainty, need_probs=strat.needs_probs)
     return _select_units(
         pool,
         budget,
