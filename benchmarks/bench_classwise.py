@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uwe_cli.detection_pool import read_detection_pool
+from uwe_cli.pool import read_detection_pool
 from uwe_cli.selection.classwise import build_classwise, classwise_kcg, to_dense
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uwe_cli.pool import encode_metadata
+from uwe_cli.schema import encode_metadata
 
 SCHEMA_FIELDS = [
     ("id", pa.string()),

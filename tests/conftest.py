@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from uwe_cli.pool import encode_metadata
+from uwe_cli.schema import encode_metadata
 
 
 def fixed_list(mat: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.Array:

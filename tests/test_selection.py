@@ -9,9 +9,12 @@ from hypothesis import strategies as st
 from reference import dense_embeddings, kcg_reference, kmeanspp_reference
 
 from uwe_cli.embedding import normalize_uncertainty, uwe_weights
-from uwe_cli.selection import engine
-from uwe_cli.selection.engine import CentreTracker, as_weights, k_center_greedy, k_center_greedy_naive
-from uwe_cli.selection.strategies import badge_weights, kmeanspp_seeding
+from uwe_cli.selection import dense as engine
+from uwe_cli.selection.dense import CentreTracker, DenseEmbedding, as_weights
+from uwe_cli.selection.dense import dense_kcg as k_center_greedy
+from uwe_cli.selection.dense import dense_kmeanspp as kmeanspp_seeding
+from uwe_cli.selection.naive import k_center_greedy_naive
+from uwe_cli.selection.strategies import badge_weights
 
 
 def clustered(rng, n, d, k=6):
@@ -102,7 +105,7 @@ def test_faiss_refinement_falls_back_to_full_scan(rng, monkeypatch):
     F[100:200] = F[:100]  # every labeled point has an exact twin: k=2 neighbours tie and cannot certify
     cand, lab = np.arange(200, 600), np.arange(200)
     monkeypatch.setattr(engine, "KNN_NEIGHBOURS", 2)
-    tracker = CentreTracker(F, as_weights(None, 600), cand, 200)
+    tracker = CentreTracker(DenseEmbedding(F, as_weights(None, 600)), cand, 200)
     tracker.init_centres(lab)
     E = dense_embeddings(F, None)
     expected = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)

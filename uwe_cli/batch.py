@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
-from uwe_cli.atomic import atomic_path
+from uwe_cli.outputs import Output, open_output
 
 
 @dataclass
@@ -44,13 +42,7 @@ def render_batch(batch: Batch, stream: TextIO) -> None:
         writer.writerow(row)
 
 
-def render_batch_text(batch: Batch) -> str:
-    buf = io.StringIO()
-    render_batch(batch, buf)
-    return buf.getvalue()
-
-
-def write_batch(batch: Batch, out: str | Path) -> None:
-    """Write the batch CSV to `out` atomically: an interrupted run leaves no partial file."""
-    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+def write_batch(batch: Batch, out: Output) -> None:
+    """Write the batch CSV to a checked output: atomically for a file, streamed for stdout or a pipe."""
+    with open_output(out) as fh:
         render_batch(batch, fh)

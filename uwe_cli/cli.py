@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer.core import TyperGroup
 
 from uwe_cli import __version__
 from uwe_cli.commands import extract_classification
@@ -10,15 +15,49 @@ from uwe_cli.commands import extract_detection as extract_detection_cmd
 from uwe_cli.commands import extract_segmentation as extract_segmentation_cmd
 from uwe_cli.commands import inspect as inspect_cmd
 from uwe_cli.commands import select as select_cmd
+from uwe_cli.commands._common import fail
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad value, an unknown option or command, a missing argument) on one stderr line.
+
+    Typer's default is a multi-line box; the contract is one line naming the culprit, exit code 2.
+    """
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: Any = None,
+        complete_var: Any = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:
+            typer.echo(exc.format_message(), err=True)
+            code = exc.exit_code
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            code = fail(f"{exc.format_message()}{hint}", exc.exit_code).exit_code
+        except typer.Abort:
+            code = fail("aborted", 1).exit_code
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="uwe",
+    cls=OneLineErrors,
     help="Pick the next images to label: uncertainty-weighted embeddings + exact K-Center-Greedy.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 extract_app = typer.Typer(
+    cls=TyperGroup,
     help="Run a model over images and write a Parquet pool of uncertainty and features.",
     no_args_is_help=True,
 )
@@ -26,7 +65,6 @@ app.add_typer(extract_app, name="extract")
 
 app.command("select")(select_cmd.select)
 app.command("inspect")(inspect_cmd.inspect)
-# extract commands register here: extract_app.command("classification")(...)
 extract_app.command("classification")(extract_classification.classification)
 extract_app.command("segmentation")(extract_segmentation_cmd.segmentation)
 extract_app.command("detection")(extract_detection_cmd.detection)

@@ -366,7 +366,7 @@ def make_loader(
 
 def write_skip_report(path: Path, records: Sequence[tuple[ImageItem, str]]) -> None:
     """The images left out by --skip-bad-images, as CSV (id, path, error), written atomically."""
-    from uwe_cli.atomic import atomic_path
+    from uwe_cli.outputs import atomic_path
 
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

@@ -1,7 +1,12 @@
-"""`uwe inspect` as a library call: what a pool holds, read column by column (features are not loaded)."""
+"""`uwe inspect` as a library call: what a pool holds, read column by column (features are not loaded).
+
+The pool is opened with the same checks as `uwe select` (`open_pool`), so a file `select` would
+refuse is refused here too, with the same message.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,35 +14,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from uwe_cli.pool import UNCERTAINTY_COLUMNS, feature_dim_of, open_parquet, pool_files, read_metadata
+from uwe_cli.pool import open_pool
+from uwe_cli.pool.files import read_column
+from uwe_cli.schema import UNCERTAINTY_MEASURES
 
 _SKIP = {"id", "feature", "probs", "box", "pred", "label", "x", "y", "width", "height"}
 
 
-def describe_pool(path: str | Path) -> dict[str, Any]:
+def describe_pool(paths: Sequence[str | Path] | str | Path) -> dict[str, Any]:
     """Rows, files, feature dimension, task, per-column statistics of the float columns, and metadata."""
-    files = pool_files(path)
-    parquet = [open_parquet(f) for f in files]
-    schema = parquet[0].schema_arrow
-    meta = read_metadata(schema)
-    rows = sum(pf.metadata.num_rows for pf in parquet)
-    ftype = schema.field("feature").type if "feature" in schema.names else None
-    dim = feature_dim_of(ftype) if ftype is not None else None
-    if dim is None and ftype is not None and rows:
-        first = parquet[0].read_row_group(0, columns=["feature"]).column(0).drop_null()
-        dim = len(first[0].as_py()) if len(first) else None
+    source = open_pool(paths)
+    schema = source.parquet[0].schema_arrow
     stat_cols = [
         f.name
         for f in schema
-        if f.name not in _SKIP and (pa.types.is_floating(f.type) or f.name in UNCERTAINTY_COLUMNS)
+        if f.name not in _SKIP and (pa.types.is_floating(f.type) or f.name in UNCERTAINTY_MEASURES)
     ]
     stats: dict[str, dict[str, float | int]] = {}
     for name in stat_cols:
         lo, hi, total, count, nulls = np.inf, -np.inf, 0.0, 0, 0
-        for pf in parquet:
+        for f, pf in zip(source.files, source.parquet, strict=True):
             if name not in pf.schema_arrow.names:
                 continue
-            col = pf.read(columns=[name]).column(0)
+            col = read_column(pf, f, name)
             nulls += col.null_count
             valid = col.drop_null()
             if len(valid):
@@ -52,17 +51,21 @@ def describe_pool(path: str | Path) -> dict[str, Any]:
             "max": hi if count else float("nan"),
             "nulls": nulls,
         }
+    shown = paths if isinstance(paths, (str, Path)) else ", ".join(map(str, paths))
     info: dict[str, Any] = {
-        "path": str(path),
-        "files": len(files),
-        "rows": rows,
-        "feature_dim": dim,
-        "task": meta.get("task", "detection" if "label" in schema.names else "classification"),
+        "path": str(shown),
+        "files": len(source.files),
+        "rows": source.rows,
+        "kind": source.kind,
+        "feature_dim": source.feature_dim(),
+        "task": source.metadata.get("task", "detection" if source.kind == "detection" else "classification"),
         "columns": {f.name: str(f.type) for f in schema},
         "uncertainty": stats,
-        "metadata": meta,
+        "metadata": source.metadata,
     }
-    if "label" in schema.names:
-        ids = pa.chunked_array([pf.read(columns=["id"]).column(0) for pf in parquet])
+    if source.kind == "detection":
+        ids = pa.chunked_array(
+            [read_column(pf, f, "id") for f, pf in zip(source.files, source.parquet, strict=True)]
+        )
         info["images"] = pc.count_distinct(ids).as_py()
     return info

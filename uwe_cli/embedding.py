@@ -1,16 +1,33 @@
 """Uncertainty weighting: min–max normalisation and the u^tau weights of uwe(x) = u(x)^tau · f(x).
 
-The weighted embedding is never stored: selection kernels read the float32 features and multiply by
-the float64 weight on the fly, so distances equal a float64 reference computed on w·f exactly.
+Shared by unit pools (one weight per unit) and detection pools (one weight per box, before the
+class-wise aggregation). The weighted embedding is never stored: selection kernels read the float32
+features and multiply by the float64 weight on the fly, so distances equal a float64 reference
+computed on w·f exactly.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from uwe_cli.errors import SelectionError
 
 NORMALIZE_CHOICES = ("minmax", "none")
+AGGREGATES = ("max", "mean")
+
+
+def check_selection_options(tau: float, normalize: str, aggregate: str = "max") -> None:
+    """The options every pool kind shares, refused before any work."""
+    if not math.isfinite(tau) or tau < 0:
+        raise SelectionError(f"--tau must be a finite number >= 0, got {tau}")
+    if normalize not in NORMALIZE_CHOICES:
+        raise SelectionError(
+            f"unknown --normalize '{normalize}' (choose from {', '.join(NORMALIZE_CHOICES)})"
+        )
+    if aggregate not in AGGREGATES:
+        raise SelectionError(f"unknown --aggregate '{aggregate}' (choose from {', '.join(AGGREGATES)})")
 
 
 def normalize_uncertainty(u: np.ndarray, in_play: np.ndarray | None, method: str) -> np.ndarray:
@@ -20,10 +37,9 @@ def normalize_uncertainty(u: np.ndarray, in_play: np.ndarray | None, method: str
     Rows not in play are normalised with the same bounds (their values are not used).
     """
     u = np.asarray(u, dtype=np.float64)
+    check_selection_options(0.0, method)
     if method == "none":
         return u.copy()
-    if method != "minmax":
-        raise SelectionError(f"unknown --normalize '{method}' (choose from {', '.join(NORMALIZE_CHOICES)})")
     ref = u if in_play is None else u[in_play]
     if ref.size == 0:
         return np.ones_like(u)
@@ -35,8 +51,21 @@ def normalize_uncertainty(u: np.ndarray, in_play: np.ndarray | None, method: str
 
 def uwe_weights(u_norm: np.ndarray, tau: float) -> np.ndarray:
     """u^tau as float64; tau = 0 gives weight 1 for every row (CoreSet on features), even where u = 0."""
-    if not np.isfinite(tau) or tau < 0:
-        raise SelectionError(f"--tau must be a finite number >= 0, got {tau}")
+    check_selection_options(tau, "minmax")
     if tau == 0:
         return np.ones_like(u_norm, dtype=np.float64)
     return np.power(u_norm, tau, dtype=np.float64)
+
+
+def underflow_warning(u_norm: np.ndarray, weights: np.ndarray, tau: float, what: str = "units") -> str | None:
+    """A warning when u^tau rounds to 0 although u > 0: those embeddings collapse onto the origin.
+
+    With a very large tau every weight but the largest underflows, and KCG degrades to pool order.
+    """
+    lost = int(np.count_nonzero((u_norm > 0) & (weights == 0)))
+    if not lost:
+        return None
+    return (
+        f"--tau {tau:g}: u^tau underflows to 0 for {lost:,} of {u_norm.size:,} {what} with u > 0, "
+        "so they tie at the origin and are picked in pool order; use a smaller --tau"
+    )

@@ -23,3 +23,7 @@ class DataError(UweError):
 
 class ResourceError(UweError):
     """The job would not fit in memory, or asks for a device that is not there."""
+
+
+class OutputError(UweError):
+    """An output path that cannot or must not be written (an input, a directory, a full disk)."""

@@ -1,4 +1,10 @@
-"""`uwe select` as a library call: pool(s) + labeled IDs → the next batch."""
+"""`uwe select` as a library call: pool(s) + labeled IDs → the next batch, for unit and detection pools.
+
+One pipeline: open the pool (kind decided once), check memory, read, split into labeled / excluded /
+candidates, build a `SelectionProblem` whose tracker factory knows the pool kind and device, run the
+registered strategy, and return the batch with a summary. Every bad input raises a UweError before
+any output exists.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import glob
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,17 +21,14 @@ import numpy as np
 import pyarrow as pa
 
 from uwe_cli.batch import Batch
-from uwe_cli.embedding import normalize_uncertainty, uwe_weights
+from uwe_cli.embedding import check_selection_options, normalize_uncertainty, underflow_warning, uwe_weights
 from uwe_cli.errors import ResourceError, SelectionError
 from uwe_cli.ids import read_id_file, rows_of
-from uwe_cli.pool import Pool, estimate_matrix_bytes, pool_files, read_pool
-from uwe_cli.selection.engine import Progress
-from uwe_cli.selection.strategies import StrategyInput, get_strategy
+from uwe_cli.pool import DetectionPool, PoolSource, UnitPool, open_pool
+from uwe_cli.selection.strategies import SelectionProblem, Strategy, badge_weights, get_strategy
+from uwe_cli.selection.tracker import Progress, Tracker, tracker_class
 
 DEVICES = ("auto", "cpu", "cuda")
-# Working memory of the selection beyond the feature matrix, per row: distances, nearest centre, norms,
-# norm order and positions, weights, IDs (measured ~110 bytes at 10M rows).
-PER_ROW_OVERHEAD_BYTES = 120
 
 
 @dataclass
@@ -72,92 +76,18 @@ def resolve_device(device: str) -> tuple[str, str]:
     return "numba", "cpu"
 
 
-def check_memory(paths: list[Path], max_memory: int | None) -> int:
-    rows, dim, matrix = estimate_matrix_bytes(paths)
-    need = matrix + rows * PER_ROW_OVERHEAD_BYTES
+def check_memory(source: PoolSource, max_memory: int | None) -> int:
+    """Refuse, before loading, a pool whose selection would not fit in `max_memory` (or in free memory)."""
+    need = source.estimate_bytes()
     limit = max_memory if max_memory is not None else available_memory()
     if limit is not None and need > limit:
+        allowed = "--max-memory allows" if max_memory is not None else "only"
+        tail = "" if max_memory is not None else " is available"
         raise ResourceError(
-            f"pool needs about {need / 2**30:.1f} GiB ({rows:,} rows × {dim} features) but "
-            f"{'--max-memory allows' if max_memory is not None else 'only'} {limit / 2**30:.1f} GiB "
-            f"{'' if max_memory is not None else 'is available'}".rstrip()
+            f"pool needs about {need / 2**30:.1f} GiB ({source.rows:,} rows × {source.feature_dim()} features) "
+            f"but {allowed} {limit / 2**30:.1f} GiB{tail}"
         )
     return need
-
-
-def run_select(
-    pools: list[str | Path],
-    budget: int,
-    strategy: str = "uwe",
-    uncertainty: str | None = None,
-    tau: float = 1.0,
-    normalize: str = "minmax",
-    labeled: str | Path | None = None,
-    exclude: str | Path | None = None,
-    aggregate: str = "max",
-    seed: int = 0,
-    device: str = "auto",
-    max_memory: int | None = None,
-    prune: bool = True,
-    progress: Progress | None = None,
-) -> SelectResult:
-    """Select `budget` units. Raises UweError subclasses for every bad input, before any output exists."""
-    started = time.perf_counter()
-    strat = get_strategy(strategy)
-    if budget <= 0:
-        raise SelectionError(f"--budget must be at least 1, got {budget}")
-    if aggregate not in ("max", "mean"):
-        raise SelectionError(f"unknown --aggregate '{aggregate}' (choose from max, mean)")
-    if not np.isfinite(tau) or tau < 0:
-        raise SelectionError(f"--tau must be a finite number >= 0, got {tau}")
-    backend, device = resolve_device(device)
-    paths = [Path(p) for p in pools]
-    for p in paths:
-        pool_files(p)
-    labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
-    exclude_ids = read_id_file(exclude, "--exclude") if exclude else []
-
-    from uwe_cli.detection_pool import is_detection_pool
-
-    if any(is_detection_pool(p) for p in paths):
-        from uwe_cli.detection_select import run_detection_select
-
-        return run_detection_select(
-            paths,
-            budget,
-            strategy,
-            uncertainty,
-            tau,
-            normalize,
-            labeled_ids,
-            exclude_ids,
-            aggregate,
-            seed,
-            prune,
-            progress,
-            started,
-        )
-
-    check_memory(paths, max_memory)
-    # A named uncertainty column is read (and validated) even by strategies that do not need one, so the
-    # batch file reports it.
-    need_uncertainty = strat.needs_uncertainty or uncertainty not in (None, "", "auto")
-    pool = read_pool(paths, uncertainty, need_uncertainty=need_uncertainty, need_probs=strat.needs_probs)
-    return _select_units(
-        pool,
-        budget,
-        strategy,
-        tau,
-        normalize,
-        labeled_ids,
-        exclude_ids,
-        seed,
-        prune,
-        progress,
-        started,
-        backend,
-        device,
-    )
 
 
 @dataclass
@@ -183,85 +113,169 @@ def resolve_split(
         warnings.append(f"{missing_labeled} labeled IDs are not in the pool (ignored)")
     if missing_excluded:
         warnings.append(f"{missing_excluded} excluded IDs are not in the pool (ignored)")
-    candidates, in_play = split_pool(len(pool_ids), labeled_rows, exclude_rows, budget)
-    excluded = np.setdiff1d(exclude_rows, labeled_rows)
-    return PoolSplit(labeled_rows, excluded, candidates, in_play, missing_labeled, warnings)
-
-
-def split_pool(
-    n: int, labeled_rows: np.ndarray, exclude_rows: np.ndarray, budget: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(candidates, in_play mask): candidates = pool − labeled − excluded; in play = labeled + candidates."""
+    n = len(pool_ids)
     in_play = np.ones(n, dtype=bool)
     in_play[exclude_rows] = False
     is_cand = in_play.copy()
     is_cand[labeled_rows] = False
     in_play[labeled_rows] = True
     candidates = np.flatnonzero(is_cand)
+    excluded = np.setdiff1d(exclude_rows, labeled_rows)
     if budget > candidates.size:
         raise SelectionError(
             f"--budget {budget} is larger than the {candidates.size} candidates "
-            f"({n} in the pool, {labeled_rows.size} labeled, {np.setdiff1d(exclude_rows, labeled_rows).size} excluded)"
+            f"({n} in the pool, {labeled_rows.size} labeled, {excluded.size} excluded)"
         )
-    return candidates, in_play
+    return PoolSplit(labeled_rows, excluded, candidates, in_play, missing_labeled, warnings)
 
 
-def _select_units(
-    pool: Pool,
-    budget: int,
-    strategy: str,
-    tau: float,
-    normalize: str,
-    labeled_ids: list[str],
-    exclude_ids: list[str],
-    seed: int,
-    prune: bool,
-    progress: Progress | None,
-    started: float,
-    backend: str = "numba",
-    device: str = "cpu",
-) -> SelectResult:
-    strat = get_strategy(strategy)
-    split = resolve_split(pool.ids, labeled_ids, exclude_ids, budget)
-    labeled_rows, candidates, in_play = split.labeled, split.candidates, split.in_play
+@dataclass
+class _Built:
+    problem: SelectionProblem
+    summary: dict[str, Any]
+    warnings: list[str]
 
+
+def _unit_problem(
+    pool: UnitPool, split: PoolSplit, strat: Strategy, opts: dict[str, Any], backend: str, device: str
+) -> _Built:
     u_norm = weights = None
+    warnings: list[str] = []
     if pool.uncertainty is not None:
-        u_norm = normalize_uncertainty(pool.uncertainty, in_play, normalize)
-        weights = uwe_weights(u_norm, tau)
-    out = strat.func(
-        StrategyInput(
-            features=pool.features,
-            u_norm=u_norm,
-            weights=weights,
-            probs=pool.probs,
-            candidates=candidates,
-            labeled=labeled_rows,
-            budget=budget,
-            seed=seed,
-            prune=prune,
-            progress=progress,
-            backend=backend,
-            device=device,
-        )
+        u_norm = normalize_uncertainty(pool.uncertainty, split.in_play, opts["normalize"])
+        weights = uwe_weights(u_norm, opts["tau"])
+        if strat.embedding == "uwe":
+            message = underflow_warning(u_norm[split.in_play], weights[split.in_play], opts["tau"])
+            warnings += [message] if message else []
+    capacity = split.labeled.size + opts["budget"]
+
+    def make_tracker(embedding: str) -> Tracker:
+        from uwe_cli.selection.dense import DenseEmbedding, as_weights
+
+        G = weights if embedding == "uwe" else None
+        if embedding == "badge":
+            assert pool.probs is not None
+            G = badge_weights(pool.probs)
+        dense = DenseEmbedding(pool.features, as_weights(G, pool.size))
+        cls = tracker_class("unit", backend)
+        return cls(dense, split.candidates, capacity, prune=opts["prune"], device=device)
+
+    problem = SelectionProblem(
+        split.candidates, split.labeled, opts["budget"], opts["seed"], u_norm, make_tracker, opts["progress"]
     )
-    rows = candidates[out.positions]
+    summary = {"feature_dim": pool.dim, "task": pool.task}
+    return _Built(problem, summary, warnings)
+
+
+def _detection_problem(
+    pool: DetectionPool, split: PoolSplit, strat: Strategy, opts: dict[str, Any], backend: str, device: str
+) -> _Built:
+    from uwe_cli.selection.classwise import box_weights, build_classwise, image_uncertainty
+
+    warnings: list[str] = []
+    if strat.embedding == "uwe":
+        u_norm, weights = box_weights(pool, split.in_play, opts["normalize"], opts["tau"])
+        message = underflow_warning(u_norm, weights, opts["tau"], "boxes")
+        warnings += [message] if message else []
+    capacity = split.labeled.size + opts["budget"]
+
+    def make_tracker(embedding: str) -> Tracker:
+        tau = 0.0 if embedding == "features" else opts["tau"]
+        emb = build_classwise(pool, split.in_play, tau, opts["normalize"], opts["aggregate"])
+        cls = tracker_class("detection", backend)
+        return cls(emb, split.candidates, capacity, prune=opts["prune"], device=device)
+
+    problem = SelectionProblem(
+        split.candidates,
+        split.labeled,
+        opts["budget"],
+        opts["seed"],
+        image_uncertainty(pool, split.in_play, opts["normalize"]),
+        make_tracker,
+        opts["progress"],
+    )
+    summary = {
+        "feature_dim": pool.dim,
+        "task": "detection",
+        "boxes": pool.num_boxes,
+        "num_classes": pool.num_classes,
+        "aggregate": opts["aggregate"],
+    }
+    return _Built(problem, summary, warnings)
+
+
+def run_select(
+    pools: Sequence[str | Path],
+    budget: int,
+    strategy: str = "uwe",
+    uncertainty: str | None = None,
+    tau: float = 1.0,
+    normalize: str = "minmax",
+    labeled: str | Path | None = None,
+    exclude: str | Path | None = None,
+    aggregate: str = "max",
+    seed: int = 0,
+    device: str = "auto",
+    max_memory: int | None = None,
+    prune: bool = True,
+    progress: Progress | None = None,
+) -> SelectResult:
+    """Select `budget` units. Raises UweError subclasses for every bad input, before any output exists."""
+    started = time.perf_counter()
+    strat = get_strategy(strategy)
+    if budget <= 0:
+        raise SelectionError(f"--budget must be at least 1, got {budget}")
+    if seed < 0:
+        raise SelectionError(f"--seed must be >= 0, got {seed}")
+    check_selection_options(tau, normalize, aggregate)
+    backend, device = resolve_device(device)
+    source = open_pool(pools)
+    get_strategy(strategy, source.kind)
+    check_memory(source, max_memory)
+    labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
+    exclude_ids = read_id_file(exclude, "--exclude") if exclude else []
+
+    # A named uncertainty column is read (and validated) even by strategies that do not need one, so the
+    # batch file reports it.
+    need_uncertainty = strat.needs_uncertainty or uncertainty not in (None, "", "auto")
+    pool = source.read(uncertainty, need_uncertainty=need_uncertainty, need_probs=strat.needs_probs)
+    split = resolve_split(pool.ids, labeled_ids, exclude_ids, budget)
+    opts = {
+        "budget": budget,
+        "seed": seed,
+        "tau": tau,
+        "normalize": normalize,
+        "aggregate": aggregate,
+        "prune": prune,
+        "progress": progress,
+    }
+    build = _detection_problem if isinstance(pool, DetectionPool) else _unit_problem
+    built = build(pool, split, strat, opts, backend, device)  # type: ignore[arg-type]
+    out = strat.func(built.problem)
+
+    rows = split.candidates[out.positions]
+    u = built.problem.unit_uncertainty
+    extra: dict[str, list[Any]] = {}
+    if isinstance(pool, DetectionPool):
+        if pool.sources is not None:
+            extra["source"] = pool.sources.take(rows).to_pylist()
+    else:
+        extra = {name: col.take(rows).to_pylist() for name, col in pool.extra.items()}
     batch = Batch(
         ids=pool.ids.take(rows).to_pylist(),
-        uncertainty=[float(v) for v in u_norm[rows]] if u_norm is not None else [None] * len(rows),
+        uncertainty=[float(v) for v in u[rows]] if u is not None else [None] * len(rows),
         distance=[float(v) for v in out.distances] if out.distances is not None else [None] * len(rows),
-        extra={name: col.take(rows).to_pylist() for name, col in pool.extra.items()},
+        extra=extra,
     )
     summary = {
         "strategy": strategy,
         "budget": budget,
         "pool_size": pool.size,
-        "candidates": int(candidates.size),
-        "labeled": int(labeled_rows.size),
+        "candidates": int(split.candidates.size),
+        "labeled": int(split.labeled.size),
         "labeled_missing": split.missing_labeled,
         "excluded": int(split.excluded.size),
-        "feature_dim": pool.dim,
-        "task": pool.task,
+        **built.summary,
         "uncertainty": pool.uncertainty_column,
         "tau": tau,
         "normalize": normalize,
@@ -270,4 +284,4 @@ def _select_units(
         "skipped_distance_fraction": out.skipped_fraction,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return SelectResult(batch, summary, split.warnings)
+    return SelectResult(batch, summary, split.warnings + built.warnings)

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uwe_cli.atomic import atomic_path
-from uwe_cli.pool import encode_metadata
+from uwe_cli.outputs import atomic_path
+from uwe_cli.schema import encode_metadata
 
 
 def make_unit_arrays(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -37,12 +36,15 @@ def select(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress on stderr."),
 ) -> None:
     """Choose the next batch to label from a pool of per-sample uncertainty and features."""
-    from uwe_cli.batch import render_batch_text, write_batch
+    from uwe_cli.batch import write_batch
+    from uwe_cli.outputs import resolve_output
     from uwe_cli.select import parse_memory, run_select
 
     if out == "-" and json_summary:
         raise fail("--json and --out - both write to stdout; write the batch to a file with --out FILE")
     with cli_errors():
+        inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
+        target = resolve_output(out, "--out", inputs=inputs)
         limit = parse_memory(max_memory) if max_memory else None
         with progress_callback("selecting", show_progress(quiet)) as progress:
             result = run_select(
@@ -62,11 +64,7 @@ def select(
             )
         for message in result.warnings:
             warn(message)
-        if out == "-":
-            sys.stdout.write(render_batch_text(result.batch))
-            sys.stdout.flush()
-        else:
-            write_batch(result.batch, out)
+        write_batch(result.batch, target)
         result.summary["out"] = out
         if json_summary:
             typer.echo(json.dumps(result.summary, sort_keys=True))

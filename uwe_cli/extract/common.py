@@ -69,9 +69,9 @@ def finish_run(
     if not meta:
         import pyarrow.parquet as pq
 
-        from uwe_cli.pool import read_metadata
+        from uwe_cli.schema import decode_metadata
 
-        meta = read_metadata(pq.read_schema(target))
+        meta = decode_metadata(pq.read_schema(target), str(target))
     return {
         "out": target,
         "rows": rows,

@@ -62,11 +62,11 @@ import numpy as np
 import pyarrow as pa
 
 from uwe_cli import __version__
-from uwe_cli.atomic import atomic_path
 from uwe_cli.data import Batch, ImageDataset, ImageItem, list_images, shard_items
 from uwe_cli.errors import DataError, ModelError, UweError
 from uwe_cli.extract.common import finish_run, open_writer, record_failures
 from uwe_cli.extract.writer import DEFAULT_PART_ROWS, shard_target
+from uwe_cli.outputs import atomic_path
 
 if TYPE_CHECKING:
     import torch

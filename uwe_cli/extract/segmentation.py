@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 
 from uwe_cli import __version__
-from uwe_cli.atomic import atomic_path
 from uwe_cli.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -44,6 +43,7 @@ from uwe_cli.errors import DataError, ModelError, UweError
 from uwe_cli.extract.common import finish_run, open_writer, record_failures
 from uwe_cli.extract.writer import DEFAULT_PART_ROWS, shard_target
 from uwe_cli.models import LoadedModel, load_model, resolve_device
+from uwe_cli.outputs import atomic_path
 
 if TYPE_CHECKING:  # torch is imported lazily so that `uwe --help` stays fast
     import torch

@@ -21,9 +21,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uwe_cli.atomic import atomic_path
 from uwe_cli.errors import PoolError
-from uwe_cli.pool import encode_metadata
+from uwe_cli.outputs import atomic_path
+from uwe_cli.schema import encode_metadata
 
 RUN_FILE = "_run.json"
 DEFAULT_PART_ROWS = 2048

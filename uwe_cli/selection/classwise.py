@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from uwe_cli.detection_pool import DetectionPool
+from uwe_cli.embedding import check_selection_options, normalize_uncertainty, uwe_weights
 from uwe_cli.errors import SelectionError
+from uwe_cli.pool.detection import DetectionPool
+from uwe_cli.selection.greedy import k_center_greedy
+from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats
 
-AGGREGATES = ("max", "mean")
-NORMALIZATIONS = ("minmax", "none")
 SRC_FEATURE = 0  # block = scale * box_features[row]
 SRC_MEAN = 1  # block = means[row]
 
@@ -82,26 +83,6 @@ class ClasswiseEmbedding:
         return sum(a.nbytes for a in arrays)
 
 
-def normalized_box_uncertainty(u: np.ndarray, normalize: str) -> np.ndarray:
-    """Min–max normalise over the given boxes (all 1 when max == min), or pass through for `none`."""
-    u = np.asarray(u, dtype=np.float64)
-    if normalize == "none" or len(u) == 0:
-        return u.copy()
-    lo, hi = float(u.min()), float(u.max())
-    if hi == lo:
-        return np.ones_like(u)
-    return (u - lo) / (hi - lo)
-
-
-def _check_options(tau: float, normalize: str, aggregate: str) -> None:
-    if aggregate not in AGGREGATES:
-        raise SelectionError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not '{aggregate}'")
-    if normalize not in NORMALIZATIONS:
-        raise SelectionError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, not '{normalize}'")
-    if not math.isfinite(tau) or tau < 0:
-        raise SelectionError(f"--tau must be a finite number >= 0, not {tau}")
-
-
 @njit(parallel=True, cache=True)
 def _mean_blocks(features, box_order, box_scale, group_start, group_stop, out):  # pragma: no cover
     """out[g] = mean over boxes box_order[group_start[g]:group_stop[g]] of scale·feature (row order)."""
@@ -140,6 +121,29 @@ def _block_norm2(features, means, block_src, block_row, block_scale, out):  # pr
         out[b] = acc
 
 
+def _image_uncertainty(n: int, in_play: np.ndarray, image: np.ndarray, u_norm: np.ndarray) -> np.ndarray:
+    """Per image the largest normalised u of its boxes (0 without boxes, NaN out of play)."""
+    out = np.where(in_play, 0.0, np.nan)
+    np.maximum.at(out, image, u_norm)
+    return out
+
+
+def image_uncertainty(pool: DetectionPool, in_play: np.ndarray, normalize: str = "minmax") -> np.ndarray:
+    """The batch file's per-image uncertainty: max over its boxes of u normalised over the boxes in play."""
+    boxes = np.flatnonzero(in_play[pool.box_image])
+    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize)
+    return _image_uncertainty(pool.num_images, in_play, pool.box_image[boxes], u_norm)
+
+
+def box_weights(
+    pool: DetectionPool, in_play: np.ndarray, normalize: str, tau: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised u, u^tau) of the boxes of the images in play, in row order."""
+    boxes = np.flatnonzero(in_play[pool.box_image])
+    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize)
+    return u_norm, uwe_weights(u_norm, float(tau))
+
+
 def build_classwise(
     pool: DetectionPool,
     in_play: np.ndarray | None = None,
@@ -153,20 +157,18 @@ def build_classwise(
     `max` keeps per (image, class) the box of largest normalised u (ties: the earlier row); `mean`
     averages the boxes' embeddings. Images without boxes, and images out of play, have no blocks.
     """
-    _check_options(tau, normalize, aggregate)
+    check_selection_options(tau, normalize, aggregate)
     n = pool.num_images
     in_play = np.ones(n, dtype=bool) if in_play is None else np.asarray(in_play, dtype=bool)
     if in_play.shape != (n,):
         raise SelectionError(f"in_play mask has shape {in_play.shape}, expected ({n},)")
 
     boxes = np.flatnonzero(in_play[pool.box_image])  # in row order
-    u_norm = normalized_box_uncertainty(pool.box_uncertainty[boxes], normalize)
-    scale = np.power(u_norm, float(tau))  # 0**0 == 1: tau = 0 is CoreSet on features
+    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize)
+    scale = uwe_weights(u_norm, float(tau))  # tau = 0 is CoreSet on features
     image = pool.box_image[boxes]
     label = pool.box_label[boxes].astype(np.int64)
-
-    image_uncertainty = np.where(in_play, 0.0, np.nan)
-    np.maximum.at(image_uncertainty, image, u_norm)
+    image_uncertainty = _image_uncertainty(n, in_play, image, u_norm)
 
     # Sort boxes by (image, class, -u, row): the first box of each group is the max box.
     order = np.lexsort((boxes, -u_norm, label, image))
@@ -529,7 +531,7 @@ def _class_index(emb: ClasswiseEmbedding, centres: np.ndarray) -> tuple[np.ndarr
     return by_norm, class_ptr, owner[order]
 
 
-def _check_indices(values: np.ndarray, emb: ClasswiseEmbedding, what: str) -> np.ndarray:
+def check_image_indices(values: np.ndarray, emb: ClasswiseEmbedding, what: str) -> np.ndarray:
     values = np.asarray(values, dtype=np.int64).ravel()
     if len(values) and (values.min() < 0 or values.max() >= emb.num_images):
         raise SelectionError(f"{what} image index out of range [0, {emb.num_images})")
@@ -538,12 +540,128 @@ def _check_indices(values: np.ndarray, emb: ClasswiseEmbedding, what: str) -> np
     return values
 
 
+class ClasswiseTracker(Tracker):
+    """Exact nearest-centre distances over class-wise image embeddings (positions index `candidates`).
+
+    Images sharing no class are at ‖x‖² + ‖y‖² without reading a feature, which also lets the labeled
+    set initialise D through a class → centres index instead of visiting every (candidate, labeled)
+    pair. The pruning bounds are described in the module docstring.
+    """
+
+    def __init__(
+        self,
+        embedding: ClasswiseEmbedding,
+        candidates: np.ndarray,
+        capacity: int,
+        prune: bool = True,
+        device: str = "cpu",
+    ) -> None:
+        emb = embedding
+        cand = check_image_indices(candidates, emb, "candidates")
+        if len(cand) > 1 and (np.diff(cand) <= 0).any():
+            raise SelectionError("candidates must be unique image indices in ascending order")
+        self.emb = emb
+        self.candidates = cand
+        self.prune = prune
+        self.csr = (
+            emb.offsets,
+            emb.block_class,
+            emb.block_src,
+            emb.block_row,
+            emb.block_scale,
+            emb.block_norm2,
+            emb.features,
+            emb.means,
+            emb.class_mask,
+            emb.image_norm2,
+        )
+        self.image_norm = np.sqrt(emb.image_norm2)
+        m = len(cand)
+        size = max(capacity, 1)
+        self.active = np.ones(m, dtype=bool)
+        self.min_d2 = np.full(m, np.inf)
+        self.nearest = np.full(m, -1, dtype=np.int64)
+        self.centre_image = np.empty(size, dtype=np.int64)
+        self.needed = np.zeros(size, dtype=bool)
+        self.centre_dist = np.zeros(size, dtype=np.float64)
+        self.k = 0
+        self.taken = 0
+        self.threads = 1 if m < _PARALLEL_MIN_CANDIDATES else numba.get_num_threads()
+        self.stats = TrackerStats()
+
+    def init_centres(self, rows: np.ndarray) -> None:
+        centres = check_image_indices(rows, self.emb, "labeled images")
+        m = len(self.candidates)
+        with _threads(self.threads):
+            if self.prune and len(centres):
+                self.centre_image[: len(centres)] = centres
+                self.k = len(centres)
+                index = _class_index(self.emb, centres)
+                self.stats.evaluated += int(
+                    _init_from_centres(
+                        self.candidates,
+                        centres,
+                        *index,
+                        self.min_d2,
+                        self.nearest,
+                        self.image_norm,
+                        *self.csr,
+                    )
+                )
+                self.stats.possible += len(centres) * m
+            else:
+                for c in centres:
+                    self._add(int(c))
+                    self.stats.possible += m
+
+    def largest_norm(self) -> tuple[int, float]:
+        p = int(np.argmax(self.emb.image_norm2[self.candidates]))  # first maximum: the earlier image
+        return p, float(self.emb.image_norm2[self.candidates[p]])
+
+    def _add(self, row: int) -> None:
+        self.centre_image[self.k] = row
+        self.stats.evaluated += int(
+            _add_centre(
+                row,
+                self.k,
+                self.candidates,
+                self.active,
+                self.min_d2,
+                self.nearest,
+                self.centre_image,
+                self.needed,
+                self.centre_dist,
+                self.image_norm,
+                self.prune,
+                *self.csr,
+            )
+        )
+        self.k += 1
+
+    def add(self, row: int, max_d: float | None = None) -> None:
+        check_image_indices(np.array([row]), self.emb, "centre")
+        with _threads(self.threads):
+            self._add(row)
+        self.stats.possible += len(self.candidates) - self.taken
+
+    def argmax(self) -> tuple[int, float]:
+        p = int(_argmax_active(self.min_d2, self.active))
+        return p, float(self.min_d2[p])
+
+    def take(self, position: int) -> None:
+        self.active[position] = False
+        self.taken += 1
+
+    def distances(self) -> np.ndarray:
+        return np.where(self.active, self.min_d2, -1.0)
+
+
 def classwise_kcg(
     emb: ClasswiseEmbedding,
     candidates: np.ndarray,
     centres: np.ndarray,
     budget: int,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     prune: bool = True,
     stats: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -555,75 +673,14 @@ def classwise_kcg(
     every distance (for testing the pruning); `stats`, if given, receives the number of image
     distances computed (`distances`) and of those brute force would compute (`distances_unpruned`).
     """
-    cand = _check_indices(candidates, emb, "candidates")
-    centres = _check_indices(centres, emb, "labeled images")
-    if len(cand) > 1 and (np.diff(cand) <= 0).any():
-        raise SelectionError("candidates must be unique image indices in ascending order")
     if budget < 0:
         raise SelectionError(f"--budget must be >= 0, not {budget}")
-    if budget > len(cand):
-        raise SelectionError(f"--budget {budget} exceeds the {len(cand)} candidate images")
-
-    csr = (
-        emb.offsets,
-        emb.block_class,
-        emb.block_src,
-        emb.block_row,
-        emb.block_scale,
-        emb.block_norm2,
-        emb.features,
-        emb.means,
-        emb.class_mask,
-        emb.image_norm2,
-    )
-    image_norm = np.sqrt(emb.image_norm2)
-    m = len(cand)
-    n_centres = len(centres) + budget
-    active = np.ones(m, dtype=bool)
-    min_d2 = np.full(m, np.inf)
-    nearest = np.full(m, -1, dtype=np.int64)
-    centre_image = np.empty(max(n_centres, 1), dtype=np.int64)
-    needed = np.zeros(max(n_centres, 1), dtype=bool)
-    centre_dist = np.zeros(max(n_centres, 1), dtype=np.float64)
-
-    computed = 0
-
-    def add(c: int, cid: int) -> None:
-        nonlocal computed
-        centre_image[cid] = c
-        computed += _add_centre(
-            c, cid, cand, active, min_d2, nearest, centre_image, needed, centre_dist, image_norm, prune, *csr
-        )
-
-    picks = np.empty(budget, dtype=np.int64)
-    distances = np.empty(budget, dtype=np.float64)
-    threads = 1 if m < _PARALLEL_MIN_CANDIDATES else numba.get_num_threads()
-    with _threads(threads):
-        if prune and len(centres):
-            centre_image[: len(centres)] = centres
-            index = _class_index(emb, centres)
-            computed += _init_from_centres(cand, centres, *index, min_d2, nearest, image_norm, *csr)
-        else:
-            for cid, c in enumerate(centres):
-                add(int(c), cid)
-
-        for t in range(budget):
-            if t == 0 and len(centres) == 0:
-                p = int(np.argmax(emb.image_norm2[cand]))  # first maximum: the earlier image
-                dist = float(image_norm[cand[p]])
-            else:
-                p = int(_argmax_active(min_d2, active))
-                dist = math.sqrt(min_d2[p])
-            active[p] = False
-            picks[t] = cand[p]
-            distances[t] = dist
-            if t + 1 < budget:
-                add(int(cand[p]), len(centres) + t)
-            if progress is not None:
-                progress(t + 1, budget)
+    centres = np.asarray(centres, dtype=np.int64)
+    tracker = ClasswiseTracker(emb, candidates, len(centres) + budget, prune=prune)
+    if budget > len(tracker.candidates):
+        raise SelectionError(f"--budget {budget} exceeds the {len(tracker.candidates)} candidate images")
+    result = k_center_greedy(tracker, centres, budget, progress)
     if stats is not None:
-        stats["distances"] = int(computed)
-        stats["distances_unpruned"] = int(
-            len(centres) * m + max(budget - 1, 0) * m - (budget - 1) * budget // 2
-        )
-    return picks, distances
+        stats["distances"] = tracker.stats.evaluated
+        stats["distances_unpruned"] = tracker.stats.possible
+    return tracker.candidates[result.positions], result.distances

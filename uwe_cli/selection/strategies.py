@@ -1,4 +1,9 @@
-"""Selection strategies, registered by name so a new strategy is one function and one decorator."""
+"""Selection strategies, registered by name so a new strategy is one function and one decorator.
+
+A strategy sees a `SelectionProblem`, the same for unit and detection pools: the candidates, the
+labeled rows, the budget, each unit's normalised uncertainty, and a factory that builds a tracker for
+the embedding it asks for ("uwe": u^tau·f, "features": f, "badge": (p − onehot) ⊗ f).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from uwe_cli.errors import SelectionError
-from uwe_cli.selection.engine import Progress, as_weights, k_center_greedy, make_tracker
+from uwe_cli.selection.greedy import k_center_greedy, kmeanspp_seeding
+from uwe_cli.selection.tracker import Progress, Tracker
+
+EMBEDDINGS = ("uwe", "features", "badge")
 
 
 @dataclass
-class StrategyInput:
-    """What every strategy may use. Rows index the pool; candidates are ascending pool rows."""
+class SelectionProblem:
+    """What every strategy may use. Rows index the pool's units; candidates are ascending rows."""
 
-    features: np.ndarray
-    u_norm: np.ndarray | None  # normalised uncertainty per pool row
-    weights: np.ndarray | None  # u^tau per pool row (None: unweighted)
-    probs: np.ndarray | None
     candidates: np.ndarray
     labeled: np.ndarray
     budget: int
     seed: int
-    prune: bool = True
+    unit_uncertainty: np.ndarray | None  # normalised uncertainty per unit (None: not read)
+    make_tracker: Callable[[str], Tracker]  # embedding name -> a tracker over the candidates
     progress: Progress | None = None
-    backend: str = "numba"
-    device: str = "cpu"
 
 
 @dataclass
@@ -39,140 +42,108 @@ class StrategyOutput:
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    func: Callable[[StrategyInput], StrategyOutput]
+    func: Callable[[SelectionProblem], StrategyOutput]
+    embedding: str | None  # what the tracker embeds, None when the strategy needs no tracker
     needs_uncertainty: bool
     needs_probs: bool
+    kinds: tuple[str, ...]  # pool kinds it works on
     help: str
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, needs_uncertainty: bool = True, needs_probs: bool = False, help: str = ""):
-    def deco(func: Callable[[StrategyInput], StrategyOutput]) -> Callable[[StrategyInput], StrategyOutput]:
+def register(
+    name: str,
+    *,
+    embedding: str | None = None,
+    needs_uncertainty: bool = True,
+    needs_probs: bool = False,
+    kinds: tuple[str, ...] = ("unit", "detection"),
+    help: str = "",
+) -> Callable[[Callable[[SelectionProblem], StrategyOutput]], Callable[[SelectionProblem], StrategyOutput]]:
+    if embedding is not None and embedding not in EMBEDDINGS:
+        raise ValueError(f"unknown embedding '{embedding}' (one of {', '.join(EMBEDDINGS)})")
+
+    def deco(
+        func: Callable[[SelectionProblem], StrategyOutput],
+    ) -> Callable[[SelectionProblem], StrategyOutput]:
         if name in STRATEGIES:
             raise ValueError(f"strategy '{name}' registered twice")
-        STRATEGIES[name] = Strategy(name, func, needs_uncertainty, needs_probs, help)
+        STRATEGIES[name] = Strategy(name, func, embedding, needs_uncertainty, needs_probs, kinds, help)
         return func
 
     return deco
 
 
-def get_strategy(name: str) -> Strategy:
+def get_strategy(name: str, kind: str | None = None) -> Strategy:
+    """The strategy called `name`; with `kind`, refused when it does not work on that pool kind."""
     try:
-        return STRATEGIES[name]
+        strategy = STRATEGIES[name]
     except KeyError:
         raise SelectionError(f"unknown strategy '{name}' (choose from {', '.join(STRATEGIES)})") from None
+    if kind is not None and kind not in strategy.kinds:
+        usable = [s.name for s in STRATEGIES.values() if kind in s.kinds]
+        raise SelectionError(f"--strategy {name} is not available for {kind} pools (use {', '.join(usable)})")
+    return strategy
 
 
-def _kcg(inp: StrategyInput, weights: np.ndarray | None) -> StrategyOutput:
-    res = k_center_greedy(
-        inp.features,
-        weights,
-        inp.candidates,
-        inp.labeled,
-        inp.budget,
-        prune=inp.prune,
-        progress=inp.progress,
-        backend=inp.backend,
-        device=inp.device,
-    )
+def strategy_help() -> str:
+    """One line per strategy, for `--help`."""
+    return "; ".join(f"{s.name}: {s.help}" for s in STRATEGIES.values())
+
+
+def _kcg(problem: SelectionProblem, embedding: str) -> StrategyOutput:
+    res = k_center_greedy(problem.make_tracker(embedding), problem.labeled, problem.budget, problem.progress)
     return StrategyOutput(res.positions, res.distances, res.stats.skipped_fraction)
 
 
-@register("uwe", help="K-Center-Greedy on uncertainty-weighted embeddings u^tau·f (the paper's method)")
-def uwe_kcg(inp: StrategyInput) -> StrategyOutput:
-    return _kcg(inp, inp.weights)
+def _seeded(problem: SelectionProblem, embedding: str) -> StrategyOutput:
+    tracker = problem.make_tracker(embedding)
+    positions = kmeanspp_seeding(tracker, problem.labeled, problem.budget, problem.seed, problem.progress)
+    return StrategyOutput(positions, None, tracker.stats.skipped_fraction)
 
 
-@register("coreset", needs_uncertainty=False, help="K-Center-Greedy on raw features (CoreSet)")
-def coreset(inp: StrategyInput) -> StrategyOutput:
-    return _kcg(inp, None)
+@register(
+    "uwe", embedding="uwe", help="K-Center-Greedy on uncertainty-weighted embeddings u^tau·f (the paper)"
+)
+def uwe_kcg(problem: SelectionProblem) -> StrategyOutput:
+    return _kcg(problem, "uwe")
 
 
-@register("uncertainty", help="top-k normalised uncertainty (ties to the earlier row)")
-def top_uncertainty(inp: StrategyInput) -> StrategyOutput:
-    assert inp.u_norm is not None
-    u = inp.u_norm[inp.candidates]
-    order = np.argsort(-u, kind="stable")[: inp.budget]
-    return StrategyOutput(order, None)
+@register("coreset", embedding="features", needs_uncertainty=False, help="K-Center-Greedy on raw features")
+def coreset(problem: SelectionProblem) -> StrategyOutput:
+    return _kcg(problem, "features")
 
 
-@register("random", needs_uncertainty=False, help="uniform random sample (seeded)")
-def random_sample(inp: StrategyInput) -> StrategyOutput:
-    rng = np.random.default_rng(inp.seed)
-    return StrategyOutput(rng.choice(inp.candidates.size, size=inp.budget, replace=False), None)
+@register("uncertainty", help="the top-k normalised uncertainty (ties to the earlier unit)")
+def top_uncertainty(problem: SelectionProblem) -> StrategyOutput:
+    assert problem.unit_uncertainty is not None
+    u = problem.unit_uncertainty[problem.candidates]
+    return StrategyOutput(np.argsort(-u, kind="stable")[: problem.budget], None)
 
 
-def kmeanspp_seeding(
-    features: np.ndarray,
-    G: np.ndarray,
-    candidates: np.ndarray,
-    centres: np.ndarray,
-    budget: int,
-    seed: int,
-    prune: bool = True,
-    progress: Progress | None = None,
-    backend: str = "numba",
-    device: str = "cpu",
-) -> np.ndarray:
-    """K-Means++ seeding: each pick drawn with probability ∝ squared distance to the nearest centre.
-
-    Labeled rows start as centres; without them the first pick is the largest-norm candidate, as in
-    BADGE's reference implementation. Distances are the same exact values KCG uses.
-    """
-    rng = np.random.default_rng(seed)
-    tracker = make_tracker(features, G, candidates, centres.size + budget, prune, backend, device)
-    positions = np.empty(budget, dtype=np.int64)
-    start = 0
-    if centres.size:
-        tracker.init_centres(centres)
-    elif budget:
-        t = int(np.argmax(tracker.live_sq_norms()))
-        positions[0] = t
-        tracker.take(t)
-        if budget > 1:
-            tracker.add(int(candidates[t]))
-        start = 1
-    for b in range(start, budget):
-        D = tracker.distances()
-        mass = np.clip(D, 0.0, None)
-        cum = np.cumsum(mass)
-        total = cum[-1]
-        if total > 0:
-            t = int(np.searchsorted(cum, rng.random() * total, side="right"))
-            t = min(t, cum.size - 1)
-        else:  # every live candidate coincides with a centre: draw uniformly among them
-            live = np.flatnonzero(D >= 0)
-            t = int(live[rng.integers(live.size)])
-        positions[b] = t
-        tracker.take(t)
-        if b + 1 < budget:
-            tracker.add(int(candidates[t]))
-        if progress is not None:
-            progress(b + 1, budget)
-    return positions
+@register("random", needs_uncertainty=False, help="a uniform random sample (seeded)")
+def random_sample(problem: SelectionProblem) -> StrategyOutput:
+    rng = np.random.default_rng(problem.seed)
+    return StrategyOutput(rng.choice(problem.candidates.size, size=problem.budget, replace=False), None)
 
 
-def _seeded(inp: StrategyInput, G: np.ndarray) -> StrategyOutput:
-    pos = kmeanspp_seeding(
-        inp.features,
-        G,
-        inp.candidates,
-        inp.labeled,
-        inp.budget,
-        inp.seed,
-        inp.prune,
-        inp.progress,
-        inp.backend,
-        inp.device,
-    )
-    return StrategyOutput(pos, None)
+@register("kmeanspp", embedding="uwe", help="K-Means++ seeding on uncertainty-weighted embeddings (seeded)")
+def kmeanspp(problem: SelectionProblem) -> StrategyOutput:
+    return _seeded(problem, "uwe")
 
 
-@register("kmeanspp", help="K-Means++ seeding on uncertainty-weighted embeddings (seeded)")
-def kmeanspp(inp: StrategyInput) -> StrategyOutput:
-    return _seeded(inp, as_weights(inp.weights, inp.features.shape[0]))
+@register(
+    "badge",
+    embedding="badge",
+    needs_uncertainty=False,
+    needs_probs=True,
+    kinds=("unit",),
+    help="K-Means++ on BADGE gradient embeddings (needs a probs column)",
+)
+def badge(problem: SelectionProblem) -> StrategyOutput:
+    return _seeded(problem, "badge")
 
 
 def badge_weights(probs: np.ndarray) -> np.ndarray:
@@ -180,9 +151,3 @@ def badge_weights(probs: np.ndarray) -> np.ndarray:
     g = probs.astype(np.float64)
     g[np.arange(g.shape[0]), np.argmax(probs, axis=1)] -= 1.0
     return g
-
-
-@register("badge", needs_uncertainty=False, needs_probs=True, help="K-Means++ on BADGE gradient embeddings")
-def badge(inp: StrategyInput) -> StrategyOutput:
-    assert inp.probs is not None
-    return _seeded(inp, badge_weights(inp.probs))

@@ -11,7 +11,7 @@ import numpy as np
 
 from uwe_cli.errors import ResourceError
 from uwe_cli.selection._kernels import PRUNE_MARGIN
-from uwe_cli.selection.engine import CentreTracker
+from uwe_cli.selection.dense import CentreTracker, DenseEmbedding
 
 CHUNK_ELEMENTS = 1 << 24  # float64 elements per distance block (128 MB)
 
@@ -27,13 +27,20 @@ def torch_device(name: str):
 class TorchCentreTracker(CentreTracker):
     """CentreTracker whose per-centre update runs in torch on `device`."""
 
-    def __init__(self, features, weights, candidates, capacity, prune=True, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        embedding: DenseEmbedding,
+        candidates: np.ndarray,
+        capacity: int,
+        prune: bool = True,
+        device: str = "cpu",
+    ) -> None:
         import torch
 
-        super().__init__(features, weights, candidates, capacity, prune)
         self.device = torch_device(device)
-        self._F = torch.from_numpy(features).to(self.device)
-        self._G = torch.from_numpy(weights).to(self.device)
+        super().__init__(embedding, candidates, capacity, prune)
+        self._F = torch.from_numpy(self.F).to(self.device)
+        self._G = torch.from_numpy(self.G).to(self.device)
         self._cand = torch.from_numpy(self.cand).to(self.device)
         self._D = None
         self._near = None

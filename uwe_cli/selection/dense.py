@@ -1,26 +1,33 @@
-"""Exact nearest-centre tracking shared by K-Center-Greedy and K-Means++ seeding.
+"""The dense engine: uwe(x) = G[x] ⊗ F[x] rows, nearest-centre distances kept exactly in float64 (numba).
 
 `CentreTracker` keeps, for each candidate, the squared distance D to its nearest centre and which
-centre that is. Adding a centre updates D exactly (float64) while skipping, by the triangle
-inequality, every candidate the new centre cannot improve. The result is the same D as a full pass;
+centre that is. Adding a centre updates D exactly while skipping, by the triangle inequality and a
+norm bound, every candidate the new centre cannot improve. The result is the same D as a full pass;
 only the work differs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from uwe_cli.selection import _kernels as kern
+from uwe_cli.selection.greedy import KCGResult, k_center_greedy, kmeanspp_seeding
+from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats, tracker_class
 
-Progress = Callable[[int, int], None]
 KNN_NEIGHBOURS = 16
 # Below this many multiply-adds an update runs on one thread: starting a thread team costs ~0.1 ms on
 # an idle machine and many milliseconds on a loaded one.
 PARALLEL_MIN_WORK = 4_000_000
 SEARCH_CHUNK_ROWS = 65_536
+
+
+class DenseEmbedding(NamedTuple):
+    """Embedding rows as the outer product G[r] ⊗ F[r]: float32 features (n, d), float64 weights (n, K)."""
+
+    features: np.ndarray
+    weights: np.ndarray
 
 
 def as_weights(G: np.ndarray | None, n: int) -> np.ndarray:
@@ -48,32 +55,21 @@ def _faiss():
     return faiss
 
 
-@dataclass
-class TrackerStats:
-    evaluated: int = 0
-    possible: int = 0
-    unsure_rows: int = 0
-    scanned: int = 0
-
-    @property
-    def skipped_fraction(self) -> float:
-        return 1.0 - self.evaluated / self.possible if self.possible else 0.0
-
-
-class CentreTracker:
+class CentreTracker(Tracker):
     """Squared distance from every candidate to its nearest centre, updated exactly as centres are added."""
 
     def __init__(
         self,
-        features: np.ndarray,
-        weights: np.ndarray,
+        embedding: DenseEmbedding,
         candidates: np.ndarray,
         capacity: int,
         prune: bool = True,
+        device: str = "cpu",
     ) -> None:
-        self.F = features
-        self.G = weights
+        self.F = np.ascontiguousarray(embedding.features)
+        self.G = as_weights(embedding.weights, self.F.shape[0])
         candidates = np.ascontiguousarray(candidates, dtype=np.int64)
+        self.candidates = candidates
         self.sq_norms = kern.sq_norms(self.G, self.F, candidates)
         # Internally candidates are kept in order of embedding norm: a centre c can only improve i when
         # |‖x_i‖ − ‖c‖| < √D(i) ≤ √max D, so each update scans one contiguous, cache-friendly slice.
@@ -89,14 +85,16 @@ class CentreTracker:
         self.centre_rows = np.empty(max(capacity, 1), dtype=np.int64)
         self.k = 0
         self.prune = prune
+        self.use_faiss = True  # False: exact full scan for the labeled set (tests)
         self._todo = np.empty(self.cand.size, dtype=np.int64)
         self.taken = 0
         self.stats = TrackerStats()
 
-    def live_sq_norms(self) -> np.ndarray:
-        return self.sq_norms
+    def largest_norm(self) -> tuple[int, float]:
+        t = int(np.argmax(self.sq_norms))
+        return t, float(self.sq_norms[t])
 
-    def init_centres(self, rows: np.ndarray, use_faiss: bool = True) -> None:
+    def init_centres(self, rows: np.ndarray) -> None:
         """Start from a set of centres (the labeled rows): exact nearest-centre distance for every candidate.
 
         FAISS's float32 k-NN proposes neighbours; distances are recomputed exactly in float64 and rows whose
@@ -108,7 +106,7 @@ class CentreTracker:
             return
         self.centre_rows[:L] = rows
         self.k = L
-        faiss = _faiss() if use_faiss else None
+        faiss = _faiss() if self.use_faiss else None
         if faiss is None or L <= KNN_NEIGHBOURS:
             kern.nearest_exact(self.G, self.F, self.cand, rows, self.D, self.near)
             self.stats.evaluated += self.cand.size * L
@@ -217,35 +215,21 @@ class CentreTracker:
         self.taken += 1
 
 
-BACKENDS = ("numba", "torch")
-
-
-def make_tracker(
+def dense_tracker(
     features: np.ndarray,
-    G: np.ndarray,
+    weights: np.ndarray | None,
     candidates: np.ndarray,
     capacity: int,
     prune: bool = True,
     backend: str = "numba",
     device: str = "cpu",
-) -> CentreTracker:
-    if backend == "numba":
-        return CentreTracker(features, G, candidates, capacity, prune=prune)
-    if backend == "torch":
-        from uwe_cli.selection.torch_backend import TorchCentreTracker
-
-        return TorchCentreTracker(features, G, candidates, capacity, prune=prune, device=device)
-    raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+) -> Tracker:
+    """The dense engine for `backend` ("numba" or "torch" on `device`)."""
+    embedding = DenseEmbedding(features, as_weights(weights, features.shape[0]))
+    return tracker_class("unit", backend)(embedding, candidates, capacity, prune=prune, device=device)
 
 
-@dataclass
-class KCGResult:
-    positions: np.ndarray  # indices into the candidate array, in pick order
-    distances: np.ndarray  # Euclidean distance at pick time (norm for a first pick without centres)
-    stats: TrackerStats
-
-
-def k_center_greedy(
+def dense_kcg(
     features: np.ndarray,
     weights: np.ndarray | None,
     candidates: np.ndarray,
@@ -257,102 +241,27 @@ def k_center_greedy(
     backend: str = "numba",
     device: str = "cpu",
 ) -> KCGResult:
-    """Algorithm 1 of the paper, exactly: argmax of the squared float64 distance, ties to the earlier candidate.
-
-    Without centres the first pick is the candidate of largest embedding norm (its norm is reported as
-    its distance). `backend` "numba" runs the CPU kernels; "torch" runs the updates on `device`.
-    """
-    features = np.ascontiguousarray(features)
-    G = as_weights(weights, features.shape[0])
-    candidates = np.asarray(candidates, dtype=np.int64)
+    """K-Center-Greedy on dense embeddings G ⊗ F (`weights` None: unweighted, CoreSet)."""
     centres = np.asarray(centres, dtype=np.int64)
-    tracker = make_tracker(features, G, candidates, centres.size + budget, prune, backend, device)
-    positions = np.empty(budget, dtype=np.int64)
-    distances = np.empty(budget, dtype=np.float64)
-    step = max(1, budget // 200)
-    if centres.size:
-        tracker.init_centres(centres, use_faiss=use_faiss)
-    elif budget:
-        norms = tracker.live_sq_norms()
-        t = int(np.argmax(norms))
-        positions[0], distances[0] = t, np.sqrt(norms[t])
-        tracker.take(t)
-        if budget > 1:
-            tracker.add(int(candidates[t]))
-    first = 1 if (budget and not centres.size) else 0
-    for b in range(first, budget):
-        t, d = tracker.argmax()
-        positions[b], distances[b] = t, np.sqrt(d)
-        tracker.take(t)
-        if b + 1 < budget:
-            tracker.add(int(candidates[t]), max_d=d)
-        if progress is not None and (b % step == 0 or b + 1 == budget):
-            progress(b + 1, budget)
-    return KCGResult(positions, distances, tracker.stats)
+    tracker = dense_tracker(features, weights, candidates, centres.size + budget, prune, backend, device)
+    if not use_faiss and isinstance(tracker, CentreTracker):
+        tracker.use_faiss = False
+    return k_center_greedy(tracker, centres, budget, progress)
 
 
-def k_center_greedy_naive(
+def dense_kmeanspp(
     features: np.ndarray,
-    weights: np.ndarray | None,
+    G: np.ndarray,
     candidates: np.ndarray,
     centres: np.ndarray,
     budget: int,
-    chunk_rows: int = 16_384,
-    gemm_init: bool = False,
-) -> KCGResult:
-    """The paper's algorithm implemented plainly (numpy, float64, a full pass over the pool per pick).
-
-    The baseline for benchmarks; same semantics as `k_center_greedy`. `gemm_init` computes the initial
-    distances to the labeled set as one float64 matrix product per chunk (‖x‖² + ‖y‖² − 2x·y, as
-    CoreSet's reference code does) instead of one pass per labeled unit: fast, but cancellation can
-    perturb exact ties, so the tests use the default.
-    """
-    G = as_weights(weights, features.shape[0])
-    candidates = np.asarray(candidates, dtype=np.int64)
-
-    def emb(rows: np.ndarray) -> np.ndarray:
-        block = features[rows].astype(np.float64)
-        return (G[rows][:, :, None] * block[:, None, :]).reshape(len(rows), -1)
-
-    def sq_dist_to(e: np.ndarray) -> np.ndarray:
-        out = np.empty(candidates.size)
-        for s in range(0, candidates.size, chunk_rows):
-            diff = emb(candidates[s : s + chunk_rows]) - e
-            out[s : s + chunk_rows] = np.einsum("ij,ij->i", diff, diff)
-        return out
-
-    D = np.full(candidates.size, np.inf)
+    seed: int,
+    prune: bool = True,
+    progress: Progress | None = None,
+    backend: str = "numba",
+    device: str = "cpu",
+) -> np.ndarray:
+    """K-Means++ seeding on dense embeddings G ⊗ F (positions into `candidates`)."""
     centres = np.asarray(centres, dtype=np.int64)
-    if gemm_init and centres.size:
-        lab = emb(centres)
-        lab_sq = np.einsum("ij,ij->i", lab, lab)
-        for s in range(0, candidates.size, chunk_rows):
-            x = emb(candidates[s : s + chunk_rows])
-            d2 = np.einsum("ij,ij->i", x, x)[:, None] + lab_sq[None, :] - 2.0 * (x @ lab.T)
-            D[s : s + chunk_rows] = np.maximum(d2.min(axis=1), 0.0)
-    else:
-        for c in centres:
-            np.minimum(D, sq_dist_to(emb(np.array([c]))[0]), out=D)
-    positions = np.empty(budget, dtype=np.int64)
-    distances = np.empty(budget)
-    taken = np.zeros(candidates.size, dtype=bool)
-    for b in range(budget):
-        if b == 0 and not len(centres):
-            norms = np.concatenate(
-                [
-                    np.einsum("ij,ij->i", e, e)
-                    for e in (
-                        emb(candidates[s : s + chunk_rows]) for s in range(0, candidates.size, chunk_rows)
-                    )
-                ]
-            )
-            t = int(np.argmax(norms))
-            dist = float(np.sqrt(norms[t]))
-        else:
-            masked = np.where(taken, -1.0, D)
-            t = int(np.argmax(masked))
-            dist = float(np.sqrt(masked[t]))
-        positions[b], distances[b] = t, dist
-        taken[t] = True
-        np.minimum(D, sq_dist_to(emb(candidates[t : t + 1])[0]), out=D)
-    return KCGResult(positions, distances, TrackerStats())
+    tracker = dense_tracker(features, G, candidates, centres.size + budget, prune, backend, device)
+    return kmeanspp_seeding(tracker, centres, budget, seed, progress)

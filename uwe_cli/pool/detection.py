@@ -1,4 +1,4 @@
-"""Detection pools (DESIGN.md): one row per detected box, plus a null-`label` row per empty image.
+"""Detection pools: one row per detected box, plus a null-`label` row per image without boxes.
 
 Reading keeps boxes, not images: box features stream into one preallocated float32 matrix (sized
 by a cheap first pass over the `label` column), so the dense K×d image embedding never exists.
@@ -9,27 +9,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from uwe_cli.errors import PoolError
-from uwe_cli.pool import (
-    READ_BATCH_ROWS,
-    _check_feature_type,
-    feature_dim_of,
+from uwe_cli.pool.files import (
+    batch_rows,
+    check_numeric_column,
+    check_uncertainty_values,
+    iter_batches,
     list_to_matrix,
-    open_parquet,
-    pool_files,
-    read_metadata,
     resolve_uncertainty_column,
 )
+from uwe_cli.schema import check_ids
+
+if TYPE_CHECKING:
+    from uwe_cli.pool import PoolSource
 
 DEFAULT_DETECTION_UNCERTAINTY = "bvsb"  # the paper's choice for boxes (Section 3.4, Eq. 8)
-REQUIRED_COLUMNS = ("id", "label", "feature")
+OPTIONAL_COLUMNS = ("score", "box", "source")
 
 
 @dataclass
@@ -50,6 +51,17 @@ class DetectionPool:
     metadata: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
+    kind = "detection"
+
+    @property
+    def ids(self) -> pa.Array:
+        """The selectable units' IDs (images), as for unit pools."""
+        return self.image_ids
+
+    @property
+    def size(self) -> int:
+        return len(self.image_ids)
+
     @property
     def num_images(self) -> int:
         return len(self.image_ids)
@@ -67,102 +79,36 @@ class DetectionPool:
         return "detection"
 
 
-def is_detection_pool(paths: list[str | Path] | str | Path) -> bool:
-    """True when the first pool file says `task: detection` or has a `label` column (schema only)."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    first = pool_files(paths[0])[0]
-    schema = open_parquet(first).schema_arrow
-    return read_metadata(schema).get("task") == "detection" or "label" in schema.names
-
-
-def _batch_rows(dim: int | None) -> int:
-    """Record-batch rows giving ~64 MB of features per batch (rows are wide: d floats each)."""
-    if not dim:
-        return 8192
-    return int(min(READ_BATCH_ROWS, max(1024, (64 << 20) // (4 * dim))))
-
-
 def _first_index(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _metadata_num_classes(path: Path, meta: dict[str, Any]) -> int | None:
-    k = meta.get("num_classes")
-    if k is None:
-        return None
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise PoolError(f"{path}: metadata 'num_classes' must be a positive integer, found {k!r}")
-    return k
-
-
-def read_detection_pool(
-    paths: list[str | Path] | str | Path,
-    uncertainty: str | None = None,
-) -> DetectionPool:
-    """Load and validate a detection pool from Parquet files or directories of parts.
+def load_detection_pool(source: PoolSource, uncertainty: str | None = None) -> DetectionPool:
+    """Load and validate a detection pool.
 
     `uncertainty` names the per-box uncertainty column (default `bvsb`, as in the paper). Raises a
     one-line PoolError naming the file, column and image ID of the first problem found.
     """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    files = [f for p in paths for f in pool_files(p)]
-    if len({f.resolve() for f in files}) != len(files):
-        raise PoolError("the same pool file is given twice")
-    parquet = [open_parquet(f) for f in files]
-
     requested = uncertainty if uncertainty not in (None, "", "auto") else None
     unc_col: str | None = None
-    dim: int | None = None
-    num_classes: int | None = None
-    meta: dict[str, Any] = {}
     optional: list[str] | None = None
-    for f, pf in zip(files, parquet, strict=True):
+    for f, pf in zip(source.files, source.parquet, strict=True):
         schema = pf.schema_arrow
-        names = schema.names
-        for col in REQUIRED_COLUMNS:
-            if col not in names:
-                raise PoolError(f"{f}: detection pool has no '{col}' column (columns: {', '.join(names)})")
-        id_type = schema.field("id").type
-        if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-            raise PoolError(f"{f}: column 'id' must be a string, found {id_type}")
-        if not pa.types.is_integer(schema.field("label").type):
-            raise PoolError(f"{f}: column 'label' must be an integer, found {schema.field('label').type}")
-        _check_feature_type(f, schema.field("feature").type)
-        if requested is None and DEFAULT_DETECTION_UNCERTAINTY not in names:
-            raise PoolError(
-                f"{f}: no '{DEFAULT_DETECTION_UNCERTAINTY}' column (the default for detection); "
-                "name the uncertainty column with --uncertainty"
-            )
-        col = resolve_uncertainty_column(names, unc_col or requested or DEFAULT_DETECTION_UNCERTAINTY, str(f))
-        unc_type = schema.field(col).type
-        if not (pa.types.is_floating(unc_type) or pa.types.is_integer(unc_type)):
-            raise PoolError(f"{f}: uncertainty column '{col}' is not numeric ({unc_type})")
+        col = resolve_uncertainty_column(
+            schema.names, unc_col or requested, str(f), default=DEFAULT_DETECTION_UNCERTAINTY
+        )
+        check_numeric_column(f, schema, col, "uncertainty")
         unc_col = col
-        this_meta = read_metadata(schema)
-        k = _metadata_num_classes(f, this_meta)
-        if k is not None:
-            if num_classes is not None and k != num_classes:
-                raise PoolError(f"{f}: metadata num_classes {k} differs from {num_classes} in {files[0]}")
-            num_classes = k
-        meta = meta or this_meta
-        fdim = feature_dim_of(schema.field("feature").type)
-        if fdim is not None:
-            if dim is not None and fdim != dim:
-                raise PoolError(f"{f}: feature length {fdim} differs from {dim} in {files[0]}")
-            dim = fdim
-        present = [c for c in ("score", "box", "source") if c in names]
+        present = [c for c in OPTIONAL_COLUMNS if c in schema.names]
         optional = present if optional is None else [c for c in optional if c in present]
     assert unc_col is not None
+    num_classes = source.num_classes
+    dim = source.dim
 
     # Pass 1 (label column only): the number of boxes, so features go into one exact allocation.
-    total_rows = sum(pf.metadata.num_rows for pf in parquet)
-    if total_rows == 0:
-        raise PoolError(f"pool is empty: {', '.join(map(str, paths))}")
     n_boxes = 0
-    for pf in parquet:
-        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=["label"]):
+    for f, pf in zip(source.files, source.parquet, strict=True):
+        for batch in iter_batches(pf, f, ["label"], 1 << 16):
             n_boxes += len(batch) - batch.column(0).null_count
 
     optional = optional or []
@@ -179,18 +125,16 @@ def read_detection_pool(
     row = 0
     b = 0  # boxes written so far
     max_label = -1
-    batch_rows = _batch_rows(dim)
-    for f in files:
-        # pre_buffer=False: the default pre-buffering holds every column chunk of a row group (or
-        # more) in Arrow memory on top of our matrix, which doubled peak RSS on large pools.
-        reader = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
-        for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
+    rows_per_batch = batch_rows(dim, 64 << 20)
+    for f, pf in zip(source.files, source.parquet, strict=True):
+        for batch in iter_batches(pf, f, columns, rows_per_batch):
             n = batch.num_rows
             ids = batch.column("id")
             if ids.null_count:
                 first_null = row + _first_index(np.asarray(ids.is_null()))
                 raise PoolError(f"{f}: null id in column 'id' (row {first_null})")
             ids = ids.cast(pa.string())
+            check_ids(ids, str(f))
             id_chunks.append(ids)
             if "source" in optional:
                 source_chunks.append(batch.column("source").cast(pa.string()))
@@ -238,11 +182,7 @@ def read_detection_pool(
                     f"{where(_first_index(np.asarray(unc.is_null())))}: null '{unc_col}' on a box"
                 )
             values = unc.to_numpy(zero_copy_only=False).astype(np.float64)
-            if not np.isfinite(values).all():
-                raise PoolError(f"{where(_first_index(~np.isfinite(values)))}: NaN or Inf in '{unc_col}'")
-            if (values < 0).any():
-                i = _first_index(values < 0)
-                raise PoolError(f"{where(i)}: negative '{unc_col}' ({values[i]})")
+            check_uncertainty_values(values, unc_col, where)
 
             labels = batch.column("label").take(take).to_numpy(zero_copy_only=False).astype(np.int64)
             if (labels < 0).any():
@@ -278,6 +218,7 @@ def read_detection_pool(
     assert b == n_boxes
     if features is None:
         features = np.empty((0, dim or 0), dtype=np.float32)
+    pa.default_memory_pool().release_unused()
 
     all_ids = pa.concat_arrays(id_chunks) if len(id_chunks) > 1 else id_chunks[0]
     encoded = pc.dictionary_encode(all_ids)  # indices follow first appearance
@@ -301,6 +242,6 @@ def read_detection_pool(
         box_score=box_score,
         box_coords=box_coords,
         sources=sources,
-        metadata=meta,
-        files=files,
+        metadata=source.metadata,
+        files=source.files,
     )

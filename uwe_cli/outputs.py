@@ -1,0 +1,233 @@
+"""Every file a command writes goes through here, so the guarantees hold for all of them.
+
+- `-` streams to stdout. An existing FIFO or character device (a pipe, /dev/null) is opened and
+  streamed into; it is never replaced by a regular file. Block devices, sockets and directories
+  are refused.
+- A regular file (or a new path) is written to a temporary file beside it and renamed over it only
+  when complete, so an interrupted run never leaves a partial output. The file gets the permissions
+  a new file gets under the user's umask (mkstemp alone would give 0600).
+- An output that resolves to one of the command's inputs (the same file, a hard link or symlink to
+  it, or a path inside an input folder) is refused before any work.
+- Write failures (disk full, permission denied, read-only file system) are one-line OutputErrors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from uwe_cli.errors import OutputError
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+NEW_FILE_MODE = 0o666 & ~_UMASK
+STDOUT = "-"
+_MAX_NAME_BYTES = 200
+
+
+@dataclass(frozen=True)
+class Output:
+    """A checked output: `stdout`, an existing `stream` node (FIFO, character device), a `file`, or a `dir`."""
+
+    option: str
+    kind: str
+    path: Path | None
+
+    @property
+    def is_regular(self) -> bool:
+        """True for a file written by temp-and-rename (where side files such as reports can live)."""
+        return self.kind == "file"
+
+    def __str__(self) -> str:
+        return STDOUT if self.path is None else str(self.path)
+
+
+def _strerror(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _existing_ancestor(path: Path, option: str) -> Path:
+    """The nearest existing ancestor of a path to be created; it must be a writable directory."""
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {option} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {option} {path}: permission denied in {parent}")
+    return parent
+
+
+def resolve_output(
+    value: str | os.PathLike[str],
+    option: str = "--out",
+    *,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    input_keys: Iterable[tuple[int, int]] = (),
+    directory: bool = False,
+    allow_stdout: bool = True,
+) -> Output:
+    """Check an output path before any work: what it is, that it can be written, that it is no input.
+
+    `inputs` are the command's input files and folders; `input_keys` are (st_dev, st_ino) of input
+    files already stat'ed elsewhere (e.g. every image of a manifest), to catch hard links cheaply.
+    `directory=True` is for outputs that are folders (shard directories, heatmap folders).
+    """
+    text = os.fspath(value)
+    if text.strip() == "":
+        raise OutputError(f"{option} is empty; give a file name")
+    if text == STDOUT:
+        if not allow_stdout or directory:
+            raise OutputError(f"{option} - (stdout) is not possible here; give a path")
+        return Output(option, "stdout", None)
+    path = Path(text).expanduser()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise OutputError(f"cannot write {option} {path}: {_strerror(exc)}") from None
+    if st is None:
+        if path.is_symlink():
+            raise OutputError(f"{option} {path} is a dangling symlink; remove it or give another path")
+        _existing_ancestor(path, option)
+        kind = "dir" if directory else "file"
+    elif stat.S_ISDIR(st.st_mode):
+        if not directory:
+            raise OutputError(f"{option} {path} is a directory; give a file name")
+        kind = "dir"
+    elif directory:
+        raise OutputError(f"{option} {path} is a file; give a directory")
+    elif stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        kind = "stream"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "file"
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"cannot write {option} {path}: permission denied")
+    else:
+        raise OutputError(f"{option} {path} is a special file (not a regular file, FIFO or character device)")
+    if kind == "file" and st is not None:
+        path = Path(os.path.realpath(path))  # write through a symlink, keep the link
+    check_not_input(path, option, inputs, input_keys)
+    return Output(option, kind, path)
+
+
+def check_not_input(
+    path: Path,
+    option: str,
+    inputs: Iterable[str | os.PathLike[str]],
+    input_keys: Iterable[tuple[int, int]] = (),
+) -> None:
+    """Refuse an output that is an input file (same path, symlink or hard link) or lies in an input folder."""
+    real = Path(os.path.realpath(path))
+    try:
+        st = os.stat(real)
+        key: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except OSError:
+        key = None
+    for raw in inputs:
+        given = Path(raw)
+        source = Path(os.path.realpath(given))
+        try:
+            in_st = os.stat(source)
+        except OSError:
+            continue
+        if stat.S_ISDIR(in_st.st_mode):
+            if real == source or source in real.parents:
+                raise OutputError(f"{option} {path} is inside the input folder {given}; write elsewhere")
+        elif real == source or (key is not None and key == (in_st.st_dev, in_st.st_ino)):
+            raise OutputError(f"{option} {path} is the input {given}; write to another file")
+    if key is not None:
+        keys = set(input_keys)
+        if key in keys:
+            raise OutputError(f"{option} {path} is one of the input images; write to another file")
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str], suffix: str = "", option: str = "--out") -> Iterator[Path]:
+    """A temporary path beside `target` that replaces it only if the block succeeds (umask permissions).
+
+    For writers that need a path of their own (Parquet, PNG). Parent folders are created.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write {option} {target}: {_strerror(exc)}") from None
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        try:
+            os.chmod(tmp_path, NEW_FILE_MODE)
+            os.replace(tmp_path, target)
+        except OSError as exc:
+            raise OutputError(f"cannot write {option} {target}: {_strerror(exc)}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def open_output(out: Output, binary: bool = False) -> Iterator[IO[Any]]:
+    """A stream to write an output into: stdout, the FIFO/device itself, or a temp file renamed at the end.
+
+    Write errors of the stream (ENOSPC on /dev/full, EPIPE, EACCES) become one-line OutputErrors; on
+    any error a regular-file target is left as it was.
+    """
+    mode = "wb" if binary else "w"
+    encoding = None if binary else "utf-8"
+    newline = None if binary else ""
+    where = str(out)
+    try:
+        if out.kind == "stdout":
+            stream = sys.stdout.buffer if binary else sys.stdout
+            yield stream
+            stream.flush()
+        elif out.kind == "stream":
+            assert out.path is not None
+            with open(out.path, mode, encoding=encoding, newline=newline) as fh:
+                yield fh
+        elif out.kind == "file":
+            assert out.path is not None
+            with (
+                atomic_path(out.path, option=out.option) as tmp,
+                open(tmp, mode, encoding=encoding, newline=newline) as fh,
+            ):
+                yield fh
+        else:
+            raise OutputError(f"{out.option} {where} is a directory; give a file name")
+    except OSError as exc:
+        raise OutputError(f"cannot write {out.option} {where}: {_strerror(exc)}") from None
+
+
+def file_name_for_id(unit_id: str, suffix: str) -> str:
+    """A file name for a unit's side output (heatmap, drawing) that is injective and never leaves its folder.
+
+    '%', '/', '\\' and control characters are percent-encoded, so `a/pwn`, `../a/pwn` and `./a/pwn`
+    get three different names in the same folder. Very long IDs are shortened with a hash suffix.
+    """
+    import hashlib
+
+    name = "".join(f"%{ord(c):02X}" if c in "%/\\" or ord(c) < 32 or ord(c) == 127 else c for c in unit_id)
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        digest = hashlib.sha256(unit_id.encode()).hexdigest()[:16]
+        head = name.encode()[: _MAX_NAME_BYTES - 20].decode(errors="ignore")
+        name = f"{head}~{digest}"
+    return name + suffix

@@ -1,0 +1,89 @@
+"""The tracker interface: everything K-Center-Greedy and K-Means++ ask of a selection engine.
+
+A tracker keeps, for each candidate, the squared distance D to its nearest centre, exactly (float64),
+however it prunes. The greedy loops in `greedy.py` drive any tracker; engines differ in how they
+store embeddings and compute distances: dense u^tau·f rows (numba `CentreTracker`, torch
+`TorchCentreTracker`) or block-sparse class-wise image embeddings of detection pools
+(`ClasswiseTracker`, `TorchClasswiseTracker`). Engines are found by (pool kind, backend) in
+`TRACKERS`, by module path, so this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Progress = Callable[[int, int], None]
+
+# (pool kind, backend) → "module:class". Every class takes (embedding, candidates, capacity, prune, device).
+TRACKERS: dict[tuple[str, str], str] = {
+    ("unit", "numba"): "uwe_cli.selection.dense:CentreTracker",
+    ("unit", "torch"): "uwe_cli.selection.torch_backend:TorchCentreTracker",
+    ("detection", "numba"): "uwe_cli.selection.classwise:ClasswiseTracker",
+    ("detection", "torch"): "uwe_cli.selection.classwise_torch:TorchClasswiseTracker",
+}
+
+
+@dataclass
+class TrackerStats:
+    """How much distance work a run did (`evaluated`) against a full pass per centre (`possible`)."""
+
+    evaluated: int = 0
+    possible: int = 0
+    unsure_rows: int = 0
+    scanned: int = 0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return 1.0 - self.evaluated / self.possible if self.possible else 0.0
+
+
+class Tracker(ABC):
+    """Nearest-centre distances of the candidates, updated exactly as centres are added.
+
+    Positions index `candidates` (ascending pool rows); rows index the pool. Picked candidates are
+    out of play: `distances()` reports -1 for them and `argmax` never returns them.
+    """
+
+    candidates: np.ndarray
+    stats: TrackerStats
+
+    @abstractmethod
+    def init_centres(self, rows: np.ndarray) -> None:
+        """Start from these pool rows as centres (the labeled set)."""
+
+    @abstractmethod
+    def largest_norm(self) -> tuple[int, float]:
+        """The candidate of largest squared embedding norm (ties: the earliest) and that squared norm."""
+
+    @abstractmethod
+    def add(self, row: int, max_d: float | None = None) -> None:
+        """Make pool row `row` a centre. `max_d`, when the caller knows it, is the largest live D."""
+
+    @abstractmethod
+    def argmax(self) -> tuple[int, float]:
+        """The live candidate of largest D (ties: the earliest) and its squared distance."""
+
+    @abstractmethod
+    def take(self, position: int) -> None:
+        """Remove a candidate from play (it has been selected)."""
+
+    @abstractmethod
+    def distances(self) -> np.ndarray:
+        """Squared distance to the nearest centre per candidate, -1 for picked ones."""
+
+
+def tracker_class(kind: str, backend: str) -> type[Tracker]:
+    """The engine for a pool kind ("unit", "detection") and backend ("numba", "torch")."""
+    try:
+        module, _, name = TRACKERS[(kind, backend)].partition(":")
+    except KeyError:
+        known = ", ".join(f"{k}/{b}" for k, b in TRACKERS)
+        raise ValueError(f"no selection engine for {kind} pools on {backend} (known: {known})") from None
+    cls: Any = getattr(importlib.import_module(module), name)
+    return cls
