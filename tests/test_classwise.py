@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from uwe_cli.pool import DetectionPool, is_detection_pool, read_detection_pool
 from uwe_cli.errors import PoolError, SelectionError
+from uwe_cli.pool import DetectionPool, is_detection_pool, read_detection_pool
 from uwe_cli.selection.classwise import build_classwise, classwise_kcg, to_dense
 
 Row = dict  # {"id": str, "label": int | None, "bvsb": float | None, "feature": list[float] | None, ...}
