@@ -231,7 +231,7 @@ def _wrap_forms(resnet: torch.nn.Module, tmp: Path) -> dict[str, tuple[Path, dic
         "state_dict": ({"state_dict": sd, "epoch": 3}, {}),
         "model_state_dict+ddp": ({"model_state_dict": prefixed, "optimizer": {}}, {}),
         "model": ({"model": sd}, {}),
-        "pickled_module": (resnet, {"model": None}),
+        "pickled_module": (resnet, {"model": None, "trust_checkpoint": True}),
         "factory": (sd, {"model": "torchvision.models:resnet18"}),
     }
     out = {}
@@ -272,7 +272,7 @@ def test_torchscript(images: Path, resnet: torch.nn.Module, tmp_path: Path) -> N
     path = tmp_path / "scripted.pt"
     torch.jit.script(WithFeatures(resnet)).save(str(path))
     out = tmp_path / "pool.parquet"
-    extract_classification(cfg(images, out, model=None, checkpoints=[path]))
+    extract_classification(cfg(images, out, model=None, checkpoints=[path], trust_checkpoint=True))
     table = load(out)
     feats, probs = direct(resnet, images, table.column("id").to_pylist())
     np.testing.assert_allclose(column_matrix(table, "feature"), feats, rtol=1e-4, atol=1e-5)
@@ -280,7 +280,9 @@ def test_torchscript(images: Path, resnet: torch.nn.Module, tmp_path: Path) -> N
     plain = tmp_path / "plain.pt"
     torch.jit.script(resnet).save(str(plain))
     with pytest.raises(ModelError, match="feature"):
-        extract_classification(cfg(images, tmp_path / "p2.parquet", model=None, checkpoints=[plain]))
+        extract_classification(
+            cfg(images, tmp_path / "p2.parquet", model=None, checkpoints=[plain], trust_checkpoint=True)
+        )
     assert not (tmp_path / "p2.parquet").exists()
 
 

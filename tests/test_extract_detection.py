@@ -374,7 +374,7 @@ def test_user_detector_pool_rows(tmp_path: Path, user_module: str) -> None:
     assert table.schema.field("box").type.list_size == 4
     rows = table.to_pylist()
     assert [r["id"] for r in rows] == ["a.png"] * 3 + ["b.png"] + ["c.png"] * 3
-    assert result.detections == 6 and result.empty_images == 1 and result.rows == 7
+    assert result.details["detections"] == 6 and result.details["empty_images"] == 1 and result.rows == 7
     empty = rows[3]
     assert empty["label"] is None and empty["feature"] is None and empty["box"] is None
     assert empty["source"].endswith("b.png")
@@ -511,12 +511,15 @@ def test_cli_bad_inputs(tmp_path: Path, frcnn_files: tuple[Path, Path]) -> None:
     assert_one_line_error(r, "--score-threshold", out)
     r = invoke(*base, "--data", str(images), *model, "--num-classes", "7")
     assert_one_line_error(r, "cls_score.weight", out)
-    r = invoke(*base, "--data", str(images), "--checkpoint", str(full), "--class-names", "a,b")
+    r = invoke(
+        *base, "--data", str(images), "--checkpoint", str(full), "--trust-checkpoint", "--class-names", "a,b"
+    )
     assert_one_line_error(r, "2 class names", out)
     r = invoke(*base, "--data", str(images), *model, "--min-size", "0")
     assert_one_line_error(r, "--min-size", out)
     (images / "broken.png").write_bytes(b"\x89PNG garbage")
-    assert_one_line_error(invoke(*base, "--data", str(images), "--checkpoint", str(full)), "broken.png", out)
+    r = invoke(*base, "--data", str(images), "--checkpoint", str(full), "--trust-checkpoint")
+    assert_one_line_error(r, "broken.png", out)
 
 
 def test_cli_end_to_end_with_select(tmp_path: Path, frcnn_files: tuple[Path, Path]) -> None:
@@ -525,7 +528,8 @@ def test_cli_end_to_end_with_select(tmp_path: Path, frcnn_files: tuple[Path, Pat
     write_images(images, n=5, size=36)
     out = tmp_path / "pool.parquet"
     r = invoke(
-        "extract", "detection", "--checkpoint", str(full), "--data", str(images), "--out", str(out),
+        "extract", "detection", "--checkpoint", str(full), "--trust-checkpoint", "--data", str(images),
+        "--out", str(out),
         "--score-threshold", "0", "--max-detections", "3", "--num-workers", "0", "--device", "cpu",
         "--class-names", "background,cat,dog,bird",
     )  # fmt: skip

@@ -307,7 +307,7 @@ def test_torchvision_models_equal_direct(name: str, layer_name: str, images: Pat
     for p in sorted(images.glob("*.png"))[:2]:  # 45×77 and 64×64
         (small / p.name).write_bytes(p.read_bytes())
     result, rows = run(small, tmp_path / "pool.parquet", model=name, checkpoint=ckpt, region_size="32")
-    assert result.feature_layer == f"input of {layer_name}"  # type: ignore[attr-defined]
+    assert result.details["feature_layer"] == f"input of {layer_name}"  # type: ignore[attr-defined]
     layer = dict(model.named_modules())[layer_name]
     assert check_pool(rows, small, model, layer, (32, 32, 32, 32)) > 0
 
@@ -316,7 +316,14 @@ def test_whole_pickled_module_without_model_name(images: Path, tmp_path: Path) -
     model = tiny_tensor()
     ckpt = tmp_path / "whole.pt"
     torch.save(model, ckpt)
-    _, rows = run(images, tmp_path / "pool.parquet", model=None, num_classes=None, checkpoint=ckpt)
+    _, rows = run(
+        images,
+        tmp_path / "pool.parquet",
+        model=None,
+        num_classes=None,
+        checkpoint=ckpt,
+        trust_checkpoint=True,
+    )
     check_pool(rows, images, model, model.classifier, None)
 
 
@@ -325,7 +332,7 @@ def test_torchscript_is_refused_with_a_clear_error(images: Path, tmp_path: Path)
     ckpt = tmp_path / "scripted.pt"
     torch.jit.trace(tiny_tensor().eval(), torch.zeros(1, 3, 32, 32)).save(str(ckpt))
     with pytest.raises(ModelError, match="TorchScript"):
-        run(images, tmp_path / "pool.parquet", model=None, checkpoint=ckpt)
+        run(images, tmp_path / "pool.parquet", model=None, checkpoint=ckpt, trust_checkpoint=True)
     assert not (tmp_path / "pool.parquet").exists()
 
 
@@ -338,7 +345,7 @@ def test_explicit_feature_layer(images: Path, tmp_path: Path) -> None:
 
 def test_heatmaps_one_png_per_image_at_original_size(images: Path, tmp_path: Path) -> None:
     result, _ = run(images, tmp_path / "pool.parquet", heatmaps=tmp_path / "heat", region_size="32")
-    assert result.heatmaps == len(SIZES)  # type: ignore[attr-defined]
+    assert result.details["heatmaps"] == len(SIZES)  # type: ignore[attr-defined]
     for i, (h, w) in enumerate(SIZES):
         with Image.open(tmp_path / "heat" / f"im{i}.png.png") as im:
             assert im.size == (w, h) and im.mode == "RGB"

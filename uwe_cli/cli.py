@@ -10,9 +10,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
 from uwe_cli import __version__
-from uwe_cli.commands import extract_classification
-from uwe_cli.commands import extract_detection as extract_detection_cmd
-from uwe_cli.commands import extract_segmentation as extract_segmentation_cmd
+from uwe_cli.commands import extract as extract_cmd
 from uwe_cli.commands import inspect as inspect_cmd
 from uwe_cli.commands import select as select_cmd
 from uwe_cli.commands._common import fail
@@ -65,9 +63,9 @@ app.add_typer(extract_app, name="extract")
 
 app.command("select")(select_cmd.select)
 app.command("inspect")(inspect_cmd.inspect)
-extract_app.command("classification")(extract_classification.classification)
-extract_app.command("segmentation")(extract_segmentation_cmd.segmentation)
-extract_app.command("detection")(extract_detection_cmd.detection)
+extract_app.command("classification")(extract_cmd.classification)
+extract_app.command("segmentation")(extract_cmd.segmentation)
+extract_app.command("detection")(extract_cmd.detection)
 
 
 def _version(value: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from uwe_cli.errors import DataError
+from uwe_cli.schema import first_bad_id, id_problem
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -27,10 +29,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image to process: its pool ID and where to read it."""
+    """One image to process: its pool ID, where to read it, and what it looked like when listed.
+
+    `stamp` (size, mtime in ns) lets a resumed extraction redo images that changed since the
+    interrupted run; `key` (st_dev, st_ino) lets outputs be checked against inputs by identity. Both
+    are None for an entry that cannot be stat'ed (a dangling symlink): it fails later, when read, as
+    an unreadable image.
+    """
 
     id: str
     path: Path
+    stamp: tuple[int, int] | None = None
+    key: tuple[int, int] | None = None
+
+
+def stat_item(image_id: str, path: Path) -> ImageItem:
+    try:
+        st = path.stat()
+    except OSError:
+        return ImageItem(image_id, path)
+    return ImageItem(image_id, path, (st.st_size, st.st_mtime_ns), (st.st_dev, st.st_ino))
 
 
 def list_images(source: str | Path) -> list[ImageItem]:
@@ -43,20 +61,52 @@ def list_images(source: str | Path) -> list[ImageItem]:
         if not items:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"no images found in {source} (looked for {exts}, recursively)")
-        return items
-    if source.suffix.lower() in MANIFEST_EXTENSIONS:
-        return read_manifest(source)
-    raise DataError(f"--data must be a folder or a .csv/.parquet manifest, got {source}")
+    elif source.suffix.lower() in MANIFEST_EXTENSIONS:
+        items = read_manifest(source)
+    else:
+        raise DataError(f"--data must be a folder or a .csv/.parquet manifest, got {source}")
+    bad = first_bad_id(item.id for item in items)
+    if bad is not None:
+        raise DataError(f"--data {source}: {id_problem(bad)}; rename the file or give it an ID in a manifest")
+    return items
 
 
 def _scan_directory(root: Path) -> list[ImageItem]:
+    """Every image file below `root`, following symlinked folders; hidden entries are skipped.
+
+    A symlink with an image extension is listed even when it dangles or loops (it is then reported
+    as an unreadable image, not silently dropped); a symlinked folder that leads back to one of its
+    own ancestors is an error, since following it would list the same images under endless paths.
+    """
     items = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            items.append(ImageItem(rel.as_posix(), path))
+    ancestors: dict[tuple[int, int], Path] = {}
+
+    def walk(folder: Path, trail: tuple[tuple[int, int], ...]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise DataError(f"cannot list folder {folder} in --data: {exc.strerror}") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                st = path.stat()
+                key = (st.st_dev, st.st_ino)
+                if key in trail:
+                    raise DataError(f"symlink loop in --data: {path} leads back to {ancestors[key]}")
+                ancestors[key] = path
+                walk(path, (*trail, key))
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                items.append(stat_item(path.relative_to(root).as_posix(), path))
+
+    st = root.stat()
+    ancestors[(st.st_dev, st.st_ino)] = root
+    walk(root, ((st.st_dev, st.st_ino),))
     items.sort(key=lambda item: item.id)
     return items
 
@@ -76,15 +126,19 @@ def read_manifest(manifest: Path) -> list[ImageItem]:
         if raw_path is None or str(raw_path) == "":
             raise DataError(f"{where}: empty path")
         image_id = str(image_id)
+        problem = id_problem(image_id)
+        if problem is not None:
+            raise DataError(f"{where}: {problem}")
         if image_id in seen:
             raise DataError(f"{where}: duplicate id '{image_id}' (first at row {seen[image_id]})")
         seen[image_id] = row_number
         path = Path(str(raw_path)).expanduser()
         if not path.is_absolute():
             path = base / path
-        if not path.is_file():
+        item = stat_item(image_id, path)
+        if item.stamp is None or not path.is_file():
             raise DataError(f"{where}: image file not found: {path}")
-        items.append(ImageItem(image_id, path))
+        items.append(item)
     return items
 
 
@@ -178,11 +232,18 @@ def _check_preprocess(
         resize = round(image_size / 0.875)
     if resize < image_size:
         raise DataError(f"--resize ({resize}) must be at least --image-size ({image_size})")
+    check_mean_std(mean, std)
+    return resize
+
+
+def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
+    """Three finite numbers each, std positive: NaN or Inf would otherwise surface as model output errors."""
     if len(mean) != 3 or len(std) != 3:
         raise DataError("--mean and --std take three numbers each (R,G,B)")
+    if not all(math.isfinite(v) for v in (*mean, *std)):
+        raise DataError(f"--mean and --std must be finite numbers, got mean {list(mean)} std {list(std)}")
     if any(s <= 0 for s in std):
         raise DataError("--std values must be positive")
-    return resize
 
 
 def classification_transform(
@@ -291,11 +352,11 @@ def split_weights_transform(transform: Callable[[Any], Any]) -> ClassificationPr
 
 
 @dataclass
-class Batch:
-    """What the DataLoader yields: positions into the item list, their tensors, and the failures."""
+class LoaderBatch:
+    """What the DataLoader yields: positions into the item list, the good samples, and the failures."""
 
     indices: list[int]
-    images: Any  # torch.Tensor (B, C, H, W) or None when every image of the batch failed
+    payload: Any  # stacked tensor (B, C, H, W), or a list of per-image samples; None when all failed
     failures: list[tuple[int, str]]
 
 
@@ -324,14 +385,34 @@ class ImageDataset:
             return index, None, f"cannot preprocess image {item.path}: {type(exc).__name__}: {exc}"
 
 
-def collate(samples: list[tuple[int, Any, str | None]]) -> Batch:
-    """Stack the good images, keep the failures aside."""
-    import torch
+class Collate:
+    """Keep the failures aside; stack the good tensors (`stack=True`) or keep them as a list.
 
-    good = [(i, t) for i, t, err in samples if err is None]
-    failures = [(i, err) for i, _, err in samples if err is not None]
-    images = torch.stack([t for _, t in good]) if good else None
-    return Batch([i for i, _ in good], images, failures)
+    A class rather than a closure so that DataLoader worker processes can pickle it.
+    """
+
+    def __init__(self, stack: bool = True) -> None:
+        self.stack = stack
+
+    def __call__(self, samples: list[tuple[int, Any, str | None]]) -> LoaderBatch:
+        good = [(i, t) for i, t, err in samples if err is None]
+        failures = [(i, err) for i, _, err in samples if err is not None]
+        payload = None
+        if good:
+            if self.stack:
+                import torch
+
+                payload = torch.stack([t for _, t in good])
+            else:
+                payload = [t for _, t in good]
+        return LoaderBatch([i for i, _ in good], payload, failures)
+
+
+def check_loader_options(batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise DataError(f"--num-workers must be ≥ 0, got {num_workers}")
 
 
 def make_loader(
@@ -340,8 +421,9 @@ def make_loader(
     batch_size: int = 64,
     num_workers: int = 0,
     pin_memory: bool = False,
+    stack: bool = True,
 ) -> Any:
-    """A DataLoader over `items` in order, yielding `Batch` objects.
+    """A DataLoader over `items` in order, yielding `LoaderBatch` objects.
 
     Keep per-image work in `transform` free of torch arithmetic (see ClassificationPreprocess): with
     num_workers=0 it runs in the main process on all intra-op threads. Worker processes already
@@ -349,27 +431,13 @@ def make_loader(
     """
     from torch.utils.data import DataLoader
 
-    if batch_size < 1:
-        raise DataError(f"--batch-size must be positive, got {batch_size}")
-    if num_workers < 0:
-        raise DataError(f"--num-workers must be ≥ 0, got {num_workers}")
+    check_loader_options(batch_size, num_workers)
     return DataLoader(
         ImageDataset(items, transform),  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=Collate(stack),
         pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=(4 if stack else 2) if num_workers > 0 else None,
     )
-
-
-def write_skip_report(path: Path, records: Sequence[tuple[ImageItem, str]]) -> None:
-    """The images left out by --skip-bad-images, as CSV (id, path, error), written atomically."""
-    from uwe_cli.outputs import atomic_path
-
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", "path", "error"])
-        for item, message in records:
-            writer.writerow([item.id, str(item.path), message])

@@ -1,8 +1,15 @@
-"""ID lists (`--labeled`, `--exclude`): a CSV with an `id` column, or one ID per line."""
+"""ID lists (`--labeled`, `--exclude`): a CSV with an `id` column, or one ID per line.
+
+Every ID a pool may hold (see `schema.id_problem`) round-trips: the batch CSV quotes what needs
+quoting and is parsed as CSV (quoted commas, quotes, very long IDs), and plain-text lists keep
+each line as it is apart from the line break and surrounding spaces or tabs, which pool IDs never
+have. Lines are split on '\\n' only, so IDs may contain other Unicode line separators.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from uwe_cli.errors import SelectionError
+
+# The csv module refuses fields above 128 KiB by default; IDs have no length limit.
+csv.field_size_limit(2**31 - 1)
 
 
 def read_id_file(path: str | Path, option: str) -> list[str]:
@@ -21,26 +31,28 @@ def read_id_file(path: str | Path, option: str) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise SelectionError(f"{option} file is not UTF-8 text: {path}") from None
-    lines = text.splitlines()
-    if not lines:
-        return []
-    header = next(csv.reader([lines[0]]))
-    if "id" in [h.strip() for h in header] and (len(header) > 1 or path.suffix.lower() == ".csv"):
-        col = [h.strip() for h in header].index("id")
+    except OSError as exc:
+        raise SelectionError(f"{option} file {path} cannot be read: {exc.strerror}") from None
+    first, _, _ = text.partition("\n")
+    header = [h.strip() for h in next(csv.reader([first.rstrip("\r")]), [])]
+    if "id" in header:
+        col = header.index("id")
         ids = []
-        for lineno, row in enumerate(csv.reader(lines[1:]), start=2):
-            if not row:
-                continue
-            if col >= len(row):
-                raise SelectionError(f"{option} file {path}: line {lineno} has no value in the 'id' column")
-            ids.append(row[col])
-        return ids
-    if len(header) > 1:
-        raise SelectionError(f"{option} file {path}: a CSV needs an 'id' column (header: {lines[0][:80]})")
-    ids = [line.strip() for line in lines if line.strip()]
-    if ids and ids[0] == "id":
-        ids = ids[1:]
-    return ids
+        try:
+            for row in csv.reader(io.StringIO(text, newline="")):
+                if not row:
+                    continue
+                if col >= len(row):
+                    raise SelectionError(
+                        f"{option} file {path}: a row has no value in the 'id' column (row: {row[:3]})"
+                    )
+                ids.append(row[col])
+        except csv.Error as exc:
+            raise SelectionError(f"{option} file {path}: not a readable CSV file ({exc})") from None
+        return ids[1:]
+    if path.suffix.lower() == ".csv":
+        raise SelectionError(f"{option} file {path}: a CSV needs an 'id' column (header: {first[:80]})")
+    return [line for line in (raw.rstrip("\r").strip(" \t") for raw in text.split("\n")) if line]
 
 
 def rows_of(ids: list[str], pool_ids: pa.Array) -> tuple[np.ndarray, int]:

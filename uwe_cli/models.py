@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import io
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -96,11 +97,28 @@ def is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.startswith("code/") for name in zf.namelist())
 
 
-def read_checkpoint(path: Path) -> Any:
-    """The object in a checkpoint file: TorchScript module, state_dict (safe load first), or a pickled module.
+TRUST_HINT = "pass --trust-checkpoint only if you trust where the file comes from"
 
-    Plain state dicts load with `weights_only=True`; only when that fails (a whole pickled module,
-    which needs its class importable) do we fall back to full unpickling of the user's own file.
+
+def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
+    """The Python classes/functions a checkpoint would import, named for the error message."""
+    import re
+
+    import torch
+
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:
+        return re.findall(r"GLOBAL ([\w.]+)", str(exc))[:3]
+
+
+def read_checkpoint(path: Path, trust: bool = False) -> Any:
+    """The object in a checkpoint file: a state_dict (always the safe loader), or, with `trust`, a
+    pickled module or TorchScript program.
+
+    Without `trust` nothing in the file can run code: tensors, dicts, lists and numbers load through
+    torch's weights-only unpickler, and anything else (a pickled nn.Module, an object with a
+    `__reduce__`, a TorchScript program) is refused with a one-line error naming the flag.
     """
     import pickle
 
@@ -109,14 +127,26 @@ def read_checkpoint(path: Path) -> Any:
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
     if is_torchscript(path):
+        if not trust:
+            raise ModelError(
+                f"checkpoint {path} is a TorchScript program, which runs code from the file; {TRUST_HINT}"
+            )
         try:
             return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise ModelError(f"cannot load TorchScript file {path}: {_first_line(exc)}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
-        pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4" notices on plain pickles
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust:
+            names = _unsafe_globals(path, exc)
+            what = f" ({', '.join(names[:3])})" if names else ""
+            raise ModelError(
+                f"checkpoint {path} holds Python objects beyond tensors{what}; unpickling them can run "
+                f"code from the file: save a state_dict, or {TRUST_HINT}"
+            ) from None
     except Exception as exc:
         raise ModelError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
     try:
@@ -303,6 +333,7 @@ def load_model(
     checkpoint: str | Path | None = None,
     weights: str | None = None,
     device: Any = "cpu",
+    trust_checkpoint: bool = False,
 ) -> LoadedModel:
     """One model in eval mode on `device`.
 
@@ -317,7 +348,7 @@ def load_model(
     if num_classes is not None and num_classes < 1:
         raise ModelError(f"--num-classes must be positive, got {num_classes}")
     path = Path(checkpoint) if checkpoint is not None else None
-    obj = read_checkpoint(path) if path is not None else None
+    obj = read_checkpoint(path, trust_checkpoint) if path is not None else None
     sha = file_sha256(path) if path is not None else None
     scripted = isinstance(obj, torch.jit.ScriptModule)
     weight_enum = None

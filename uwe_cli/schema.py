@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -94,3 +95,132 @@ def decode_metadata(schema: pa.Schema, where: str) -> dict[str, Any]:
     if task is not None and task not in TASKS:
         raise PoolError(f"{where}: metadata 'task' is '{task}' (one of {', '.join(TASKS)})")
     return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# Columns: the contract's one declaration (the docs table is checked against it)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A pool column: name, Arrow type as written by uwe, which pools have it, and what it means."""
+
+    name: str
+    arrow: str
+    required: str
+    meaning: str
+
+
+UNIT_COLUMNS = (
+    Column("id", "string", "yes", "unique unit ID; the value annotators receive"),
+    Column(
+        "feature",
+        "fixed_size_list<float32>[d]",
+        "yes",
+        "f(x): penultimate-layer feature (mean over pixels for segmentation); list<float32> of constant "
+        "length and float16/float64 values are read too",
+    ),
+    Column("entropy", "float32", "one uncertainty column at least", "Eq. 5, natural log"),
+    Column("bvsb", "float32", "", "p(second best) / p(best), Eq. 8"),
+    Column("least_confidence", "float32", "", "1 − p(best)"),
+    Column("bald", "float32", "no", "mutual information of ensemble members / MC-dropout passes"),
+    Column("probs", "fixed_size_list<float32>[K]", "no", "class probabilities; enables --strategy badge"),
+    Column("pred", "int32", "no", "predicted class"),
+    Column("source", "string", "no", "image path or URI"),
+    Column("image_id", "string", "region pools", "the image a region belongs to"),
+    Column("x", "int32", "region pools", "region left edge, in image pixels"),
+    Column("y", "int32", "region pools", "region top edge, in image pixels"),
+    Column("width", "int32", "region pools", "region width, in pixels"),
+    Column("height", "int32", "region pools", "region height, in pixels"),
+)
+
+DETECTION_COLUMNS = (
+    Column("id", "string", "yes", "image ID (repeated: one row per box)"),
+    Column("source", "string", "no", "image path or URI"),
+    Column(
+        "label",
+        "int32, nullable",
+        "yes",
+        "predicted class of the box; null on the one row of an image without boxes",
+    ),
+    Column("score", "float32", "no", "detector confidence"),
+    Column("box", "fixed_size_list<float32>[4]", "no", "x1, y1, x2, y2 in input-image pixels"),
+    Column("bvsb", "float32", "the uncertainty column (bvsb by default)", "per-box uncertainty, Eq. 8"),
+    Column("entropy", "float32", "", "per-box uncertainty, Eq. 5"),
+    Column("least_confidence", "float32", "", "per-box uncertainty"),
+    Column("probs", "fixed_size_list<float32>[K], nullable", "no", "the box's class scores"),
+    Column(
+        "feature", "fixed_size_list<float32>[d], nullable", "yes", "box feature; null on empty-image rows"
+    ),
+)
+
+
+def _vector(size: int) -> pa.DataType:
+    return pa.list_(pa.float32(), size)
+
+
+def unit_schema(
+    feature_dim: int,
+    num_classes: int | None = None,
+    extra_floats: Iterable[str] = (),
+    pred: bool = False,
+    regions: bool = False,
+    source: bool = True,
+) -> pa.Schema:
+    """A unit pool's Arrow schema as uwe writes it; `num_classes` adds `probs`, `extra_floats` e.g. `bald`."""
+    fields = [pa.field("id", pa.string(), nullable=False)]
+    if source:
+        fields.append(pa.field("source", pa.string()))
+    fields.append(pa.field("feature", _vector(feature_dim), nullable=False))
+    fields += [pa.field(name, pa.float32()) for name in (*UNCERTAINTY_MEASURES, *extra_floats)]
+    if num_classes is not None:
+        fields.append(pa.field("probs", _vector(num_classes)))
+    if pred:
+        fields.append(pa.field("pred", pa.int32()))
+    if regions:
+        fields.append(pa.field("image_id", pa.string(), nullable=False))
+        fields += [pa.field(name, pa.int32(), nullable=False) for name in REGION_COLUMNS[1:]]
+    return pa.schema(fields)
+
+
+def detection_schema(feature_dim: int, num_classes: int | None = None) -> pa.Schema:
+    """A detection pool's Arrow schema as uwe writes it (`num_classes` adds the per-box `probs`)."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("label", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("box", _vector(4)),
+        *(pa.field(name, pa.float32()) for name in ("bvsb", "entropy", "least_confidence")),
+    ]
+    if num_classes is not None:
+        fields.append(pa.field("probs", _vector(num_classes)))
+    fields.append(pa.field("feature", _vector(feature_dim)))
+    return pa.schema(fields)
+
+
+def fixed_list(matrix: Any, mask: Any = None) -> pa.Array:
+    """An (n, d) float32 matrix as a fixed_size_list array (`mask`: True where the row is null)."""
+    import numpy as np
+
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    values = pa.array(matrix.reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(values, matrix.shape[1], mask=mask)
+
+
+def record_batch(schema: pa.Schema, columns: dict[str, Any]) -> pa.RecordBatch:
+    """Arrays (or numpy/lists, converted to the schema's types) into a batch of `schema`'s columns."""
+    arrays = []
+    for f in schema:
+        value = columns[f.name]
+        if not isinstance(value, (pa.Array, pa.ChunkedArray)):
+            value = fixed_list(value) if pa.types.is_fixed_size_list(f.type) else pa.array(value, f.type)
+        arrays.append(value)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def markdown_table(columns: Iterable[Column]) -> str:
+    """The columns as the Markdown table in docs/schema.md."""
+    lines = ["| column | Arrow type | required | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{c.name}` | {c.arrow} | {c.required} | {c.meaning} |" for c in columns]
+    return "\n".join(lines)

@@ -1,11 +1,18 @@
-"""Shared CLI plumbing: error reporting, stderr console, progress bars."""
+"""The CLI's one output layer: error lines, warnings, the progress factory, summaries as text or JSON.
+
+Machine output (`--json`, a batch on stdout) goes to stdout; everything for people (progress,
+tables, warnings, errors) goes to stderr.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -45,7 +52,7 @@ def cli_errors() -> Iterator[None]:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True, markup=True)
 
 
 def show_progress(quiet: bool = False) -> bool:
@@ -53,8 +60,11 @@ def show_progress(quiet: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def progress_callback(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A `(done, total)` callback drawing a rich progress bar on stderr, or None when disabled."""
+def progress_callback(
+    description: str, enabled: bool, rate_unit: str | None = None
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A `(done, total)` callback drawing a progress bar on stderr (with items/s when `rate_unit` is
+    given, measured from the first call so resumed work does not count), or None when disabled."""
     if not enabled:
         yield None
         return
@@ -67,18 +77,30 @@ def progress_callback(description: str, enabled: bool) -> Iterator[Callable[[int
         TimeRemainingColumn,
     )
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(description, total=None)
+    columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if rate_unit:
+        columns.append(TextColumn(f"{{task.fields[rate]}} {rate_unit}/s"))
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task(description, total=None, rate="-")
+        first: list[float] = []
 
         def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            now = time.perf_counter()
+            if not first:
+                first.extend((now, done))
+            elapsed = now - first[0]
+            rate = f"{(done - first[1]) / elapsed:.1f}" if elapsed > 0 else "-"
+            progress.update(task, completed=done, total=total, rate=rate)
 
         yield update
+
+
+def emit_json(summary: dict[str, Any]) -> None:
+    """The one-line JSON summary of `--json`, on stdout."""
+    typer.echo(json.dumps(summary, sort_keys=True, default=str))
+
+
+def refuse_two_stdout_outputs(out: object, json_summary: bool) -> None:
+    if str(out) == "-" and json_summary:
+        raise fail("--json and --out - both write to stdout; write the output to a file with --out FILE")

@@ -8,9 +8,8 @@ checkpoints) and MC dropout average the probabilities and add a `bald` column.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,71 +22,38 @@ from uwe_cli.data import (
     IMAGENET_STD,
     ClassificationPreprocess,
     ImageItem,
+    check_mean_std,
     classification_preprocess,
-    list_images,
-    make_loader,
-    shard_items,
     split_weights_transform,
 )
 from uwe_cli.errors import DataError, ModelError
-from uwe_cli.extract.common import finish_run, open_writer, record_failures
-from uwe_cli.extract.writer import DEFAULT_PART_ROWS, shard_target
+from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
 from uwe_cli.models import (
     LoadedModel,
     enable_dropout,
     find_module,
     last_linear_name,
     load_model,
-    resolve_device,
 )
+from uwe_cli.schema import record_batch, unit_schema
 from uwe_cli.uncertainty import all_measures, bald
-
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
-class ClassificationConfig:
-    """Everything `uwe extract classification` accepts; None means "the default" (see README)."""
+class ClassificationConfig(ExtractConfig):
+    """`uwe extract classification`: the common options plus preprocessing, ensembles and MC dropout."""
 
-    data: str | Path
-    out: str | Path
-    model: str | None = None
-    checkpoints: Sequence[str | Path] = ()
-    num_classes: int | None = None
-    weights: str | None = None
+    checkpoints: Sequence[str | Path] = ()  # several: an ensemble (mean probabilities, bald)
     feature_layer: str | None = None
-    class_names: Sequence[str] | None = None
     image_size: int | None = None
     resize: int | None = None
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
-    batch_size: int = 64
-    num_workers: int = 0
-    device: str = "auto"
-    amp: bool = False
     mc_dropout: int = 0
-    shard: tuple[int, int] | None = None
-    skip_bad_images: bool = False
     write_probs: bool = True
-    part_rows: int = DEFAULT_PART_ROWS
 
-
-@dataclass
-class ExtractionResult:
-    """What a run did, for the CLI summary and for callers who chain steps."""
-
-    out: Path
-    rows: int
-    processed: int
-    resumed: int
-    skipped: list[tuple[ImageItem, str]] = field(default_factory=list)
-    skip_report: Path | None = None
-    seconds: float = 0.0
-    images_per_second: float = 0.0
-    feature_dim: int = 0
-    num_classes: int = 0
-    device: str = "cpu"
-    metadata: dict[str, Any] = field(default_factory=dict)
+    def checkpoint_paths(self) -> list[Path]:
+        return [Path(c) for c in self.checkpoints] + super().checkpoint_paths()
 
 
 class FeatureTap:
@@ -164,6 +130,99 @@ class Member:
             self.tap.remove()
 
 
+class ClassificationTask(ExtractionTask):
+    """Classifier(s) → per image: feature (input of the last Linear), uncertainty, probs, pred."""
+
+    name = "classification"
+    default_batch_size = 64
+    cfg: ClassificationConfig
+
+    def __init__(self, cfg: ClassificationConfig) -> None:
+        super().__init__(cfg)
+        self.preprocess: ClassificationPreprocess | None = None
+        self.members: list[Member] = []
+        self._schema: pa.Schema | None = None
+        self._meta: dict[str, Any] = {}
+
+    def validate(self) -> None:
+        cfg = self.cfg
+        if cfg.mc_dropout < 0:
+            raise ModelError(f"--mc-dropout must be ≥ 0, got {cfg.mc_dropout}")
+        if cfg.image_size is not None and cfg.image_size < 1:
+            raise DataError(f"--image-size must be positive, got {cfg.image_size}")
+        if cfg.resize is not None and cfg.resize < 1:
+            raise DataError(f"--resize must be positive, got {cfg.resize}")
+        if cfg.mean is not None or cfg.std is not None:
+            check_mean_std(cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD)
+        if cfg.checkpoint is not None and cfg.checkpoints:
+            raise ModelError("give the checkpoints of an ensemble as a list (checkpoints), not both forms")
+
+    def load(self, device: Any) -> None:
+        cfg = self.cfg
+        paths: list[Path | None] = list(cfg.checkpoint_paths()) or [None]
+        self.loaded = [
+            load_model(
+                cfg.model, "classification", cfg.num_classes, ckpt, cfg.weights, device, cfg.trust_checkpoint
+            )
+            for ckpt in paths
+        ]
+        self.members = [Member(m, cfg.feature_layer) for m in self.loaded]
+        if cfg.mc_dropout:
+            for m in self.loaded:
+                if not enable_dropout(m.module):
+                    raise ModelError(f"--mc-dropout: model {m.name} has no dropout layers")
+        self.preprocess, self.transform_desc = _resolve_transform(cfg, self.loaded[0])
+        self.class_names = list(cfg.class_names) if cfg.class_names else self.loaded[0].class_names
+        self.with_bald = len(self.members) * max(cfg.mc_dropout, 1) > 1
+        self.use_amp = cfg.amp and device.type == "cuda"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "model": self.loaded[0].name,
+            "checkpoints": [m.checkpoint_sha256 for m in self.loaded],
+            "feature_layer": self.cfg.feature_layer,
+            "transform": self.transform_desc,
+            "mc_dropout": self.cfg.mc_dropout,
+            "probs": self.cfg.write_probs,
+        }
+
+    def transform(self) -> Any:
+        assert self.preprocess is not None
+        return self.preprocess.geometry
+
+    def rows(self, items: list[ImageItem], payload: Any, device: Any) -> list[pa.RecordBatch]:
+        import torch
+
+        assert self.preprocess is not None
+        images = self.preprocess.normalize(payload.to(device, non_blocking=True))
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+            probs, feats, extra = _predict(self.members, images, self.cfg.mc_dropout)
+        if self._schema is None:
+            self._meta = _metadata(
+                self.cfg, self.loaded, self.class_names, feats.shape[1], probs.shape[1], self.with_bald
+            )
+            extra_columns = ["bald"] if self.with_bald else []
+            self._schema = unit_schema(
+                feats.shape[1], probs.shape[1] if self.cfg.write_probs else None, extra_columns, pred=True
+            )
+        return [_to_batch(items, probs, feats, extra, self._schema, self.cfg.write_probs)]
+
+    def schema(self) -> pa.Schema | None:
+        return self._schema
+
+    def metadata(self) -> dict[str, Any]:
+        return self._meta
+
+    def close(self) -> None:
+        for m in self.members:
+            m.close()
+
+
+def extract_classification(cfg: ClassificationConfig, progress: ProgressFn | None = None) -> ExtractionResult:
+    """Run the classifier(s) over the images and write (or resume) the pool; never prints."""
+    return run_extraction(ClassificationTask(cfg), progress)
+
+
 def _resolve_transform(
     cfg: ClassificationConfig, first: LoadedModel
 ) -> tuple[ClassificationPreprocess, dict[str, Any]]:
@@ -176,126 +235,12 @@ def _resolve_transform(
     if first.weights_transform is not None and not custom:
         desc = {"weights_transform": str(first.weights_transform)}
         return split_weights_transform(first.weights_transform), desc
-    image_size = cfg.image_size or 224
+    image_size = cfg.image_size if cfg.image_size is not None else 224
     mean = tuple(cfg.mean) if cfg.mean is not None else IMAGENET_MEAN
     std = tuple(cfg.std) if cfg.std is not None else IMAGENET_STD
     transform = classification_preprocess(image_size, cfg.resize, mean, std)
     desc = {"image_size": image_size, "resize": cfg.resize, "mean": list(mean), "std": list(std)}
     return transform, desc
-
-
-def _schema(feature_dim: int, num_classes: int, with_bald: bool, with_probs: bool) -> pa.Schema:
-    fields = [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("feature", pa.list_(pa.float32(), feature_dim), nullable=False),
-        pa.field("entropy", pa.float32()),
-        pa.field("bvsb", pa.float32()),
-        pa.field("least_confidence", pa.float32()),
-    ]
-    if with_bald:
-        fields.append(pa.field("bald", pa.float32()))
-    if with_probs:
-        fields.append(pa.field("probs", pa.list_(pa.float32(), num_classes)))
-    fields.append(pa.field("pred", pa.int32()))
-    return pa.schema(fields)
-
-
-def _fixed_list(matrix: np.ndarray) -> pa.Array:
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
-
-
-def extract_classification(cfg: ClassificationConfig, progress: ProgressFn | None = None) -> ExtractionResult:
-    """Run the classifier(s) over the images and write (or resume) the pool; never prints."""
-    import torch
-
-    if cfg.mc_dropout < 0:
-        raise ModelError(f"--mc-dropout must be ≥ 0, got {cfg.mc_dropout}")
-    items = shard_items(list_images(cfg.data), cfg.shard)
-    target = shard_target(cfg.out, cfg.shard) if cfg.shard else Path(cfg.out)
-    if cfg.shard is None and target.is_dir():
-        raise DataError(f"--out {target} is a directory; give a .parquet file (or use --shard K/N)")
-
-    device = resolve_device(cfg.device)
-    checkpoints: list[str | Path | None] = list(cfg.checkpoints) or [None]
-    loaded = [
-        load_model(cfg.model, "classification", cfg.num_classes, ckpt, cfg.weights, device)
-        for ckpt in checkpoints
-    ]
-    members = [Member(m, cfg.feature_layer) for m in loaded]
-    if cfg.mc_dropout:
-        for m in loaded:
-            if not enable_dropout(m.module):
-                raise ModelError(f"--mc-dropout: model {m.name} has no dropout layers")
-    transform, transform_desc = _resolve_transform(cfg, loaded[0])
-    class_names = list(cfg.class_names) if cfg.class_names else loaded[0].class_names
-    n_samples = len(members) * max(cfg.mc_dropout, 1)
-    with_bald = n_samples > 1
-
-    fingerprint = {
-        "task": "classification",
-        "model": loaded[0].name,
-        "checkpoints": [m.checkpoint_sha256 for m in loaded],
-        "num_classes": cfg.num_classes,
-        "weights": cfg.weights,
-        "feature_layer": cfg.feature_layer,
-        "transform": transform_desc,
-        "mc_dropout": cfg.mc_dropout,
-        "probs": cfg.write_probs,
-        "shard": list(cfg.shard) if cfg.shard else None,
-    }
-    writer, done, todo = open_writer(target, fingerprint, items, cfg.part_rows)
-    total = len(items)
-    use_amp = cfg.amp and device.type == "cuda"
-    loader = make_loader(
-        todo, transform.geometry, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda"
-    )
-
-    skipped: list[tuple[ImageItem, str]] = []
-    processed = 0
-    meta: dict[str, Any] = {}
-    start = time.perf_counter()
-    try:
-        if progress is not None:
-            progress(len(done), total)
-        with torch.inference_mode():
-            for batch in loader:
-                record_failures(batch.failures, todo, skipped, cfg.skip_bad_images)
-                if batch.images is not None:
-                    images = transform.normalize(batch.images.to(device, non_blocking=True))
-                    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                        probs, feats, extra = _predict(members, images, cfg.mc_dropout)
-                    batch_items = [todo[i] for i in batch.indices]
-                    if writer.schema is None:
-                        meta = _metadata(cfg, loaded, class_names, feats.shape[1], probs.shape[1], with_bald)
-                        writer.set_schema(
-                            _schema(feats.shape[1], probs.shape[1], with_bald, cfg.write_probs), meta
-                        )
-                    writer.write(_to_batch(batch_items, probs, feats, extra, writer.schema, cfg.write_probs))
-                    processed += len(batch_items)
-                if progress is not None:
-                    progress(len(done) + processed + len(skipped), total)
-        if not processed and not done:
-            raise DataError(f"no readable images in {cfg.data} ({len(skipped)} skipped)")
-        rows = writer.finish()
-    except BaseException:
-        writer.abandon()
-        raise
-    finally:
-        for m in members:
-            m.close()
-    summary = finish_run(
-        target,
-        start=start,
-        rows=rows,
-        processed=processed,
-        resumed=len(done),
-        skipped=skipped,
-        meta=meta,
-        device=device,
-    )
-    return ExtractionResult(**summary)
 
 
 def _predict(members: list[Member], images: Any, mc_dropout: int) -> tuple[Any, Any, dict[str, Any]]:
@@ -328,6 +273,12 @@ def _predict(members: list[Member], images: Any, mc_dropout: int) -> tuple[Any, 
             f"model {members[0].loaded.name} has no nn.Linear head to take features from; "
             "name a layer with --feature-layer"
         )
+    if len({tuple(p.shape) for p in samples}) > 1:
+        counts = sorted({int(p.shape[1]) for p in samples})
+        raise ModelError(
+            f"the ensemble's models disagree on the number of classes ({', '.join(map(str, counts))}); "
+            "give checkpoints of one architecture and head"
+        )
     stack = torch.stack(samples)
     probs = stack.mean(dim=0)
     extra: dict[str, Any] = {}
@@ -342,20 +293,17 @@ def _predict(members: list[Member], images: Any, mc_dropout: int) -> tuple[Any, 
 def _to_batch(
     items: list[ImageItem], probs: Any, feats: Any, extra: dict[str, Any], schema: pa.Schema, with_probs: bool
 ) -> pa.RecordBatch:
-    columns: dict[str, Any] = {name: t for name, t in all_measures(probs, dim=1).items()}
-    columns.update(extra)
-    host = {name: t.float().cpu().numpy() for name, t in columns.items()}
-    arrays: dict[str, pa.Array] = {
-        "id": pa.array([item.id for item in items], pa.string()),
-        "source": pa.array([str(item.path) for item in items], pa.string()),
-        "feature": _fixed_list(feats.cpu().numpy()),
+    columns: dict[str, Any] = {
+        name: t.float().cpu().numpy() for name, t in all_measures(probs, dim=1).items()
     }
-    for name, values in host.items():
-        arrays[name] = pa.array(values.astype(np.float32))
+    columns.update({name: t.float().cpu().numpy() for name, t in extra.items()})
+    columns["id"] = [item.id for item in items]
+    columns["source"] = [str(item.path) for item in items]
+    columns["feature"] = feats.cpu().numpy()
     if with_probs:
-        arrays["probs"] = _fixed_list(probs.cpu().numpy())
-    arrays["pred"] = pa.array(probs.argmax(dim=1).cpu().numpy().astype(np.int32))
-    return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
+        columns["probs"] = probs.cpu().numpy()
+    columns["pred"] = probs.argmax(dim=1).cpu().numpy().astype(np.int32)
+    return record_batch(schema, columns)
 
 
 def _metadata(

@@ -21,9 +21,8 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,24 +30,17 @@ import numpy as np
 import pyarrow as pa
 
 from uwe_cli import __version__
-from uwe_cli.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageDataset,
-    ImageItem,
-    list_images,
-    shard_items,
-)
-from uwe_cli.errors import DataError, ModelError, UweError
-from uwe_cli.extract.common import finish_run, open_writer, record_failures
-from uwe_cli.extract.writer import DEFAULT_PART_ROWS, shard_target
-from uwe_cli.models import LoadedModel, load_model, resolve_device
-from uwe_cli.outputs import atomic_path
+from uwe_cli.data import IMAGENET_MEAN, IMAGENET_STD, ImageItem, check_mean_std
+from uwe_cli.errors import DataError, ModelError
+from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
+from uwe_cli.models import LoadedModel, load_model
+from uwe_cli.outputs import atomic_path, file_name_for_id
+from uwe_cli.schema import REGION_COLUMNS, UNCERTAINTY_MEASURES, record_batch, unit_schema
 
 if TYPE_CHECKING:  # torch is imported lazily so that `uwe --help` stays fast
     import torch
 
-MEASURES = ("entropy", "bvsb", "least_confidence")
+MEASURES = UNCERTAINTY_MEASURES
 # Rows of logits processed at once when turning logits into pixel uncertainty: bounds the transient
 # K×rows×W probability tensor to about this many elements whatever the image size.
 PIXEL_CHUNK_ELEMENTS = 1 << 23
@@ -82,11 +74,11 @@ def _parse_pair(text: str, option: str) -> tuple[int, int]:
     value = str(text).strip().lower()
     match = re.fullmatch(r"(-?\d+)(?:\s*[x×,]\s*(-?\d+))?", value)
     if not match:
-        raise UweError(f"{option} '{text}' is not a size: use N or HxW (e.g. 512 or 512x256), or none")
+        raise DataError(f"{option} '{text}' is not a size: use N or HxW (e.g. 512 or 512x256), or none")
     h = int(match.group(1))
     w = int(match.group(2)) if match.group(2) is not None else h
     if h <= 0 or w <= 0:
-        raise UweError(f"{option} must be positive, got '{text}'")
+        raise DataError(f"{option} must be positive, got '{text}'")
     return h, w
 
 
@@ -94,7 +86,7 @@ def parse_region_grid(region_size: str | None, region_stride: str | None = None)
     """Parse `--region-size` / `--region-stride`. None or 'none' means one unit per image."""
     if region_size is None or str(region_size).strip().lower() in ("", "none", "image"):
         if region_stride not in (None, "", "none"):
-            raise UweError("--region-stride needs --region-size")
+            raise DataError("--region-stride needs --region-size")
         return None
     h, w = _parse_pair(region_size, "--region-size")
     if region_stride in (None, "", "none"):
@@ -393,55 +385,19 @@ def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
 # The extraction run
 # --------------------------------------------------------------------------------------------------
 
-ProgressFn = Callable[[int, int], None]
-
 
 @dataclass
-class SegmentationConfig:
-    """Everything `uwe extract segmentation` accepts; None means "the default" (see the docs page)."""
+class SegmentationConfig(ExtractConfig):
+    """`uwe extract segmentation`: the common options plus units (regions), resize and heatmaps."""
 
-    data: str | Path
-    out: str | Path
-    model: str | None = None
-    checkpoint: str | Path | None = None
-    num_classes: int | None = None
-    weights: str | None = None
     feature_layer: str | None = None
-    class_names: Sequence[str] | None = None
     region_size: str | None = None
     region_stride: str | None = None
     resize: str | None = None
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
-    batch_size: int = 2
-    num_workers: int = 0
-    device: str = "auto"
-    amp: bool = False
-    shard: tuple[int, int] | None = None
-    skip_bad_images: bool = False
     heatmaps: str | Path | None = None
     heatmap_measure: str = "entropy"
-    part_rows: int = DEFAULT_PART_ROWS
-
-
-@dataclass
-class SegmentationResult:
-    """What a run did, for the CLI summary and for callers who chain steps."""
-
-    out: Path
-    rows: int
-    processed: int
-    resumed: int
-    skipped: list[tuple[ImageItem, str]] = field(default_factory=list)
-    skip_report: Path | None = None
-    seconds: float = 0.0
-    images_per_second: float = 0.0
-    feature_dim: int = 0
-    num_classes: int = 0
-    feature_layer: str = ""
-    heatmaps: int = 0
-    device: str = "cpu"
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_resize(text: str | None) -> tuple[int, int] | int | None:
@@ -454,10 +410,7 @@ def parse_resize(text: str | None) -> tuple[int, int] | int | None:
         if n <= 0:
             raise DataError(f"--resize must be positive, got '{text}'")
         return n
-    try:
-        return _parse_pair(value, "--resize")
-    except UweError as exc:
-        raise DataError(str(exc)) from None
+    return _parse_pair(value, "--resize")
 
 
 class SegmentationTransform:
@@ -466,10 +419,7 @@ class SegmentationTransform:
     def __init__(
         self, resize: tuple[int, int] | int | None, mean: Sequence[float], std: Sequence[float]
     ) -> None:
-        if len(mean) != 3 or len(std) != 3:
-            raise DataError("--mean and --std take three numbers each (R,G,B)")
-        if any(s <= 0 for s in std):
-            raise DataError("--std values must be positive")
+        check_mean_std(mean, std)
         self.resize = resize
         self.mean = list(mean)
         self.std = list(std)
@@ -484,50 +434,16 @@ class SegmentationTransform:
         return tensor, original
 
 
-@dataclass
-class _Loaded:
-    index: int
-    tensor: Any
-    original_hw: tuple[int, int]
-
-
-def _collate(samples: list[tuple[int, Any, str | None]]) -> tuple[list[_Loaded], list[tuple[int, str]]]:
-    """Keep tensors unstacked: images of different sizes are grouped later (consecutive equal sizes)."""
-    good = [_Loaded(i, t[0], t[1]) for i, t, err in samples if err is None]
-    failures = [(i, err) for i, _, err in samples if err is not None]
-    return good, failures
-
-
-def _size_runs(loaded: list[_Loaded]) -> Iterator[list[_Loaded]]:
-    """Consecutive images with the same tensor size: each run is one forward pass."""
-    run: list[_Loaded] = []
-    for item in loaded:
-        if run and tuple(item.tensor.shape) != tuple(run[0].tensor.shape):
+def _size_runs(samples: list[tuple[Any, tuple[int, int]]]) -> Iterator[list[int]]:
+    """Positions of consecutive images with the same tensor size: each run is one forward pass."""
+    run: list[int] = []
+    for j, (tensor, _) in enumerate(samples):
+        if run and tuple(tensor.shape) != tuple(samples[run[0]][0].shape):
             yield run
             run = []
-        run.append(item)
+        run.append(j)
     if run:
         yield run
-
-
-def _schema(feature_dim: int, regions: bool) -> pa.Schema:
-    fields = [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("feature", pa.list_(pa.float32(), feature_dim), nullable=False),
-        pa.field("entropy", pa.float32()),
-        pa.field("bvsb", pa.float32()),
-        pa.field("least_confidence", pa.float32()),
-    ]
-    if regions:
-        fields += [
-            pa.field("image_id", pa.string(), nullable=False),
-            pa.field("x", pa.int32(), nullable=False),
-            pa.field("y", pa.int32(), nullable=False),
-            pa.field("width", pa.int32(), nullable=False),
-            pa.field("height", pa.int32(), nullable=False),
-        ]
-    return pa.schema(fields)
 
 
 def _rows(
@@ -538,26 +454,24 @@ def _rows(
     regions: bool,
 ) -> pa.RecordBatch:
     n = len(boxes)
-    feats = np.ascontiguousarray(stats.feature, dtype=np.float32)
-    arrays: dict[str, pa.Array] = {
-        "id": pa.array([region_id(item.id, b) for b in boxes] if regions else [item.id], pa.string()),
-        "source": pa.array([str(item.path)] * n, pa.string()),
-        "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1]),
+    columns: dict[str, Any] = {
+        "id": [region_id(item.id, b) for b in boxes] if regions else [item.id],
+        "source": [str(item.path)] * n,
+        "feature": stats.feature,
     }
     for j, name in enumerate(MEASURES):
-        arrays[name] = pa.array(stats.uncertainty[:, j].astype(np.float32))
+        columns[name] = stats.uncertainty[:, j].astype(np.float32)
     if regions:
         box = np.asarray(boxes, dtype=np.int32).reshape(n, 4)
-        arrays["image_id"] = pa.array([item.id] * n, pa.string())
-        for j, name in enumerate(("x", "y", "width", "height")):
-            arrays[name] = pa.array(box[:, j])
-    return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
+        columns["image_id"] = [item.id] * n
+        for j, name in enumerate(REGION_COLUMNS[1:]):
+            columns[name] = box[:, j]
+    return record_batch(schema, columns)
 
 
 def heatmap_path(directory: Path, image_id: str) -> Path:
-    """`DIR/<image_id>.png`, keeping the ID's folders but never leaving DIR."""
-    parts = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    return directory.joinpath(*(parts or ["image"])).with_name((parts[-1] if parts else "image") + ".png")
+    """`DIR/<encoded image id>.png`: one file per ID, never outside DIR (see `file_name_for_id`)."""
+    return directory / file_name_for_id(image_id, ".png")
 
 
 def write_heatmap(path: Path, values: np.ndarray, vmax: float, size_hw: tuple[int, int]) -> None:
@@ -626,130 +540,125 @@ class SegmentationRunner:
             self.hook.remove()
 
 
-def extract_segmentation(cfg: SegmentationConfig, progress: ProgressFn | None = None) -> SegmentationResult:
+class SegmentationTask(ExtractionTask):
+    """Segmentation model → per image or region: mean pixel uncertainty and mean classifier-input feature."""
+
+    name = "segmentation"
+    default_batch_size = 2
+    stack = False  # images of different sizes share a batch; equal-size runs share a forward pass
+    cfg: SegmentationConfig
+
+    def __init__(self, cfg: SegmentationConfig) -> None:
+        super().__init__(cfg)
+        self.runner: SegmentationRunner | None = None
+        self._schema: pa.Schema | None = None
+        self._meta: dict[str, Any] = {}
+        self.heatmaps = 0
+
+    def validate(self) -> None:
+        cfg = self.cfg
+        self.grid = parse_region_grid(cfg.region_size, cfg.region_stride)
+        self.resize = parse_resize(cfg.resize)
+        if cfg.heatmap_measure not in MEASURES:
+            raise DataError(
+                f"--heatmap-measure must be one of {', '.join(MEASURES)}, got '{cfg.heatmap_measure}'"
+            )
+        self.mean = tuple(cfg.mean) if cfg.mean is not None else IMAGENET_MEAN
+        self.std = tuple(cfg.std) if cfg.std is not None else IMAGENET_STD
+        self._transform = SegmentationTransform(self.resize, self.mean, self.std)
+        self.heat_dir = Path(cfg.heatmaps) if cfg.heatmaps else None
+        # Region pools resume by image: parts never split an image, so one image_id seen means done.
+        self.resume_column = "image_id" if self.grid is not None else "id"
+
+    def side_outputs(self) -> list[tuple[str | Path, str]]:
+        return [(self.heat_dir, "--heatmaps")] if self.heat_dir is not None else []
+
+    def load(self, device: Any) -> None:
+        cfg = self.cfg
+        loaded = load_model(
+            cfg.model,
+            "segmentation",
+            cfg.num_classes,
+            cfg.checkpoint,
+            cfg.weights,
+            device,
+            cfg.trust_checkpoint,
+        )
+        if loaded.scripted:
+            raise ModelError(
+                f"TorchScript file {loaded.checkpoint}: the classifier input cannot be hooked inside a scripted "
+                "model; save the whole module (torch.save(model)) or a state_dict instead"
+            )
+        self.loaded = loaded
+        self.runner = SegmentationRunner(loaded, cfg.num_classes, cfg.feature_layer)
+        self.use_amp = cfg.amp and device.type == "cuda"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "model": self.loaded.name,
+            "checkpoint": self.loaded.checkpoint_sha256,
+            "feature_layer": self.cfg.feature_layer,
+            "region": self.grid.describe() if self.grid else None,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def transform(self) -> Any:
+        return self._transform
+
+    def rows(self, items: list[ImageItem], payload: Any, device: Any) -> list[pa.RecordBatch]:
+        import torch
+
+        assert self.runner is not None
+        out: list[pa.RecordBatch] = []
+        measure = self.cfg.heatmap_measure if self.heat_dir is not None else None
+        for run in _size_runs(payload):
+            images = torch.stack([payload[j][0] for j in run]).to(device, non_blocking=True)
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+                logits, features = self.runner.forward(images)
+            if not bool(torch.isfinite(logits).all()) or not bool(torch.isfinite(features).all()):
+                raise ModelError(f"model {self.loaded.name} produced NaN or Inf outputs")
+            if self._schema is None:
+                dim = int(features.shape[1])
+                self._meta = _metadata(self.cfg, self.loaded, self.runner, self.grid, self.resize, dim)
+                self._schema = unit_schema(dim, regions=self.grid is not None)
+            for k, j in enumerate(run):
+                item, hw = items[j], payload[j][1]
+                boxes = unit_boxes(hw[1], hw[0], self.grid)
+                stats = reduce_image(logits[k], features[k], hw, boxes, measure)
+                if self.heat_dir is not None and stats.heatmap is not None:
+                    vmax = heatmap_scale(self.cfg.heatmap_measure, int(logits.shape[1]))
+                    write_heatmap(heatmap_path(self.heat_dir, item.id), stats.heatmap, vmax, hw)
+                    self.heatmaps += 1
+                out.append(_rows(item, boxes, stats, self._schema, self.grid is not None))
+            del logits, features, images
+        return out
+
+    def schema(self) -> pa.Schema | None:
+        return self._schema
+
+    def metadata(self) -> dict[str, Any]:
+        return self._meta
+
+    def details(self) -> dict[str, Any]:
+        layer = self._meta.get("feature_layer") or (
+            f"input of {self.runner.layer_name}" if self.runner else ""
+        )
+        return {"feature_layer": layer, "heatmaps": self.heatmaps}
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+
+def extract_segmentation(cfg: SegmentationConfig, progress: ProgressFn | None = None) -> ExtractionResult:
     """Run the segmentation model over the images and write (or resume) the pool; never prints.
 
     Images are read in order; consecutive images of equal (transformed) size share a forward pass,
     so a folder of mixed sizes works with any batch size, and a `--resize HxW` run batches fully.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
-    grid = parse_region_grid(cfg.region_size, cfg.region_stride)
-    regions = grid is not None
-    resize = parse_resize(cfg.resize)
-    if cfg.heatmap_measure not in MEASURES:
-        raise UweError(f"--heatmap-measure must be one of {', '.join(MEASURES)}, got '{cfg.heatmap_measure}'")
-    if cfg.batch_size < 1:
-        raise DataError(f"--batch-size must be positive, got {cfg.batch_size}")
-    if cfg.num_workers < 0:
-        raise DataError(f"--num-workers must be ≥ 0, got {cfg.num_workers}")
-    items = shard_items(list_images(cfg.data), cfg.shard)
-    target = shard_target(cfg.out, cfg.shard) if cfg.shard else Path(cfg.out)
-    if cfg.shard is None and target.is_dir():
-        raise DataError(f"--out {target} is a directory; give a .parquet file (or use --shard K/N)")
-    heat_dir = Path(cfg.heatmaps) if cfg.heatmaps else None
-    if heat_dir is not None and heat_dir.exists() and not heat_dir.is_dir():
-        raise DataError(f"--heatmaps {heat_dir} is a file; give a directory")
-
-    device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, "segmentation", cfg.num_classes, cfg.checkpoint, cfg.weights, device)
-    if loaded.scripted:
-        raise ModelError(
-            f"TorchScript file {loaded.checkpoint}: the classifier input cannot be hooked inside a scripted "
-            "model; save the whole module (torch.save(model)) or a state_dict instead"
-        )
-    mean = tuple(cfg.mean) if cfg.mean is not None else IMAGENET_MEAN
-    std = tuple(cfg.std) if cfg.std is not None else IMAGENET_STD
-    transform = SegmentationTransform(resize, mean, std)
-    runner = SegmentationRunner(loaded, cfg.num_classes, cfg.feature_layer)
-
-    fingerprint = {
-        "task": "segmentation",
-        "model": loaded.name,
-        "checkpoint": loaded.checkpoint_sha256,
-        "num_classes": cfg.num_classes,
-        "weights": cfg.weights,
-        "feature_layer": cfg.feature_layer,
-        "region": grid.describe() if grid else None,
-        "resize": resize,
-        "mean": list(mean),
-        "std": list(std),
-        "shard": list(cfg.shard) if cfg.shard else None,
-    }
-    # Region pools resume by image: parts never split an image, so one image_id seen means done.
-    writer, done, todo = open_writer(
-        target, fingerprint, items, cfg.part_rows, id_column="image_id" if regions else "id"
-    )
-    total = len(items)
-    loader = DataLoader(
-        ImageDataset(todo, transform),  # type: ignore[arg-type]
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if cfg.num_workers > 0 else None,
-    )
-    use_amp = cfg.amp and device.type == "cuda"
-
-    skipped: list[tuple[ImageItem, str]] = []
-    processed = 0
-    heatmaps = 0
-    meta: dict[str, Any] = {}
-    start = time.perf_counter()
-    try:
-        if progress is not None:
-            progress(len(done), total)
-        with torch.inference_mode():
-            for good, failures in loader:
-                record_failures(failures, todo, skipped, cfg.skip_bad_images)
-                for run in _size_runs(good):
-                    images = torch.stack([x.tensor for x in run]).to(device, non_blocking=True)
-                    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                        logits, features = runner.forward(images)
-                    if not bool(torch.isfinite(logits).all()) or not bool(torch.isfinite(features).all()):
-                        raise ModelError(f"model {loaded.name} produced NaN or Inf outputs")
-                    if writer.schema is None:
-                        meta = _metadata(cfg, loaded, runner, grid, resize, int(features.shape[1]))
-                        writer.set_schema(_schema(int(features.shape[1]), regions), meta)
-                    measure = cfg.heatmap_measure if heat_dir is not None else None
-                    for j, x in enumerate(run):
-                        item = todo[x.index]
-                        boxes = unit_boxes(x.original_hw[1], x.original_hw[0], grid)
-                        stats = reduce_image(logits[j], features[j], x.original_hw, boxes, measure)
-                        if heat_dir is not None and stats.heatmap is not None:
-                            vmax = heatmap_scale(cfg.heatmap_measure, int(logits.shape[1]))
-                            write_heatmap(heatmap_path(heat_dir, item.id), stats.heatmap, vmax, x.original_hw)
-                            heatmaps += 1
-                        writer.write(_rows(item, boxes, stats, writer.schema, regions))
-                        processed += 1
-                    del logits, features, images
-                if progress is not None:
-                    progress(len(done) + processed + len(skipped), total)
-        if not processed and not done:
-            raise DataError(f"no readable images in {cfg.data} ({len(skipped)} skipped)")
-        rows = writer.finish()
-    except BaseException:
-        writer.abandon()
-        raise
-    finally:
-        runner.close()
-    summary = finish_run(
-        target,
-        start=start,
-        rows=rows,
-        processed=processed,
-        resumed=len(done),
-        skipped=skipped,
-        meta=meta,
-        device=device,
-    )
-    return SegmentationResult(
-        **summary,
-        feature_layer=str(summary["metadata"].get("feature_layer", runner.layer_name)),
-        heatmaps=heatmaps,
-    )
+    return run_extraction(SegmentationTask(cfg), progress)
 
 
 def _metadata(

@@ -2,41 +2,45 @@
 
 Rows go into numbered part files in a hidden work folder beside the target
 (`<dir>/.<name>.parts/part-000000.parquet`). Each part is written to a temporary name and renamed
-when complete, so a killed run leaves only whole parts behind; restarting with the same command
-reads their IDs (`done_ids`) and processes only what is missing. `finish()` streams the parts row
-group by row group into the target (atomically) and removes the work folder, so memory stays at one
-part whatever the dataset size, and the final pool holds every unit exactly once.
+when complete, so a killed run leaves only whole parts behind. Each part also records, per image,
+the stamp (size, mtime) its rows were computed from; restarting with the same command reads them
+(`done`) and the runner redoes only images that are missing, changed or new, while rows of images
+that changed or disappeared are dropped (`discard`). `finish()` streams the surviving rows part by
+part into the target and removes the work folder, so memory stays at one part whatever the
+dataset size, and the final pool holds every image exactly once.
 
-A shard writes `<out_dir>/part-KKKKK-of-NNNNN.parquet` with the same mechanism (`shard_target`),
-so N jobs fill one directory that `read_pool` reads whole (hidden work folders are ignored).
+Nothing is created before the first part is flushed: a run that fails validation leaves no trace.
+When the target is a stream (stdout, a FIFO), parts live in a private temporary folder and the run
+cannot be resumed.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uwe_cli.errors import PoolError
-from uwe_cli.outputs import atomic_path
+from uwe_cli.errors import OutputError, PoolError
+from uwe_cli.outputs import Output, atomic_path, open_output
 from uwe_cli.schema import encode_metadata
 
 RUN_FILE = "_run.json"
+STAMPS_KEY = b"uwe_inputs"
 DEFAULT_PART_ROWS = 2048
 MERGE_ROW_GROUP_ROWS = 4096
+
+Stamp = list[int] | None
 
 
 def shard_target(out_dir: str | Path, shard: tuple[int, int]) -> Path:
     """The part file a shard owns inside the output directory."""
     k, n = shard
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PoolError(f"--shard writes into a directory, but {out_dir} is a file")
-    return out_dir / f"part-{k:05d}-of-{n:05d}.parquet"
+    return Path(out_dir) / f"part-{k:05d}-of-{n:05d}.parquet"
 
 
 def work_dir_for(target: Path) -> Path:
@@ -47,38 +51,38 @@ def work_dir_for(target: Path) -> Path:
 class ResumablePoolWriter:
     """Write record batches of one schema into `target`, resumably.
 
-    Usage: `w = ResumablePoolWriter(target, fingerprint)`; skip `w.done_ids()`; `w.set_schema(...)`
-    once the schema is known (e.g. after the first forward pass gives the feature size);
-    `w.write(batch)` per batch (a batch must hold all rows of its images: parts never split an
-    image); `w.finish()`. `fingerprint` is any JSON-able description of everything that changes
-    the output (model, checkpoint hashes, preprocessing); a leftover work folder from a different
+    Usage: `w = ResumablePoolWriter(target, fingerprint)`; compare `w.done()` with the current inputs
+    and `w.discard(...)` what changed; `w.set_schema(...)` once the schema is known;
+    `w.write(batch, stamps)` per batch (a batch holds all rows of its images: parts never split an
+    image); `w.finish()`. `fingerprint` is any JSON-able description of everything that changes the
+    output (model, checkpoint hashes, preprocessing); a leftover work folder from a different
     fingerprint is an error rather than silently mixed into the pool.
     """
 
     def __init__(
         self,
-        target: str | Path,
+        target: Output,
         fingerprint: Any,
         part_rows: int = DEFAULT_PART_ROWS,
         id_column: str = "id",
     ) -> None:
-        self.target = Path(target)
-        self.work = work_dir_for(self.target)
+        self.target = target
+        self.resumable = target.is_regular
+        self.work = work_dir_for(target.path) if self.resumable and target.path else None
         self.part_rows = max(1, int(part_rows))
         self.id_column = id_column
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         self.schema: pa.Schema | None = None
         self._buffer: list[pa.RecordBatch] = []
+        self._stamps: dict[str, Stamp] = {}
         self._buffered = 0
+        self._owner: dict[str, int] = {}  # image ID -> index of the part holding its current rows
+        self._superseded: set[int] = set()  # parts holding rows of an image redone in a later part
+        self._discarded: set[str] = set()
         self.rows_written = 0
-        self.resumed_rows = 0
-        self._prepare()
-
-    def _prepare(self) -> None:
-        if self.work.exists():
-            run = self.work / RUN_FILE
+        if self.work is not None and self.work.exists():
             try:
-                previous = json.loads(run.read_text())
+                previous = json.loads((self.work / RUN_FILE).read_text())
             except (OSError, ValueError):
                 previous = None
             if previous != self.fingerprint:
@@ -86,23 +90,34 @@ class ResumablePoolWriter:
                     f"{self.work} holds parts of an interrupted run with different settings; "
                     "rerun the same command to resume, or delete that folder to start over"
                 )
-        else:
-            self.work.mkdir(parents=True)
-            with atomic_path(self.work / RUN_FILE) as tmp:
-                tmp.write_text(json.dumps(self.fingerprint, sort_keys=True))
 
     def parts(self) -> list[Path]:
         """Completed part files, in write order."""
+        if self.work is None or not self.work.exists():
+            return []
         return sorted(self.work.glob("part-*.parquet"))
 
-    def done_ids(self) -> set[str]:
-        """IDs already in completed parts: the units a resumed run must not process again."""
-        done: set[str] = set()
-        for part in self.parts():
-            table = pq.read_table(part, columns=[self.id_column])
-            done.update(table.column(0).to_pylist())
-            self.resumed_rows += table.num_rows
-        return done
+    def done(self) -> dict[str, Stamp]:
+        """Image ID -> input stamp for every image whose rows completed parts hold (latest part wins)."""
+        stamps: dict[str, Stamp] = {}
+        for index, part in enumerate(self.parts()):
+            meta = pq.read_schema(part).metadata or {}
+            recorded = json.loads(meta.get(STAMPS_KEY, b"{}"))
+            ids = pq.read_table(part, columns=[self.id_column]).column(0).unique().to_pylist()
+            for image_id in ids:
+                stamps[image_id] = recorded.get(image_id)
+                self._own(image_id, index)
+        return stamps
+
+    def _own(self, image_id: str, index: int) -> None:
+        previous = self._owner.get(image_id)
+        if previous is not None and previous != index:
+            self._superseded.add(previous)
+        self._owner[image_id] = index
+
+    def discard(self, image_ids: set[str]) -> None:
+        """Leave these images' rows out of the final pool (their input changed or disappeared)."""
+        self._discarded |= image_ids
 
     def set_schema(self, schema: pa.Schema, metadata: dict[str, Any] | None = None) -> None:
         """Fix the schema (with the `uwe` metadata JSON) before the first write."""
@@ -118,8 +133,8 @@ class ResumablePoolWriter:
                 )
         self.schema = schema
 
-    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
-        """Buffer rows; a full part is flushed to disk as soon as it reaches `part_rows`."""
+    def write(self, batch: pa.RecordBatch | pa.Table, stamps: dict[str, Stamp] | None = None) -> None:
+        """Buffer rows and their images' input stamps; a full part is flushed as soon as it reaches `part_rows`."""
         if self.schema is None:
             raise RuntimeError("set_schema() must be called before write()")
         batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
@@ -127,50 +142,80 @@ class ResumablePoolWriter:
             if b.num_rows:
                 self._buffer.append(b.cast(self.schema) if not b.schema.equals(self.schema) else b)
                 self._buffered += b.num_rows
+        self._stamps.update(stamps or {})
         if self._buffered >= self.part_rows:
             self.flush()
 
+    def _ensure_work(self) -> None:
+        if self.work is None:
+            self.work = Path(tempfile.mkdtemp(prefix="uwe-parts-"))
+        if not self.work.exists():
+            self.work.mkdir(parents=True)
+            with atomic_path(self.work / RUN_FILE) as tmp:
+                tmp.write_text(json.dumps(self.fingerprint, sort_keys=True))
+
     def flush(self) -> None:
-        """Write the buffered rows as the next numbered part (atomically)."""
+        """Write the buffered rows as the next numbered part (atomically), with their input stamps."""
         if not self._buffered or self.schema is None:
             return
+        self._ensure_work()
         existing = self.parts()
         number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         table = pa.Table.from_batches(self._buffer, schema=self.schema)
+        meta = dict(self.schema.metadata or {})
+        meta[STAMPS_KEY] = json.dumps(self._stamps, sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
+        assert self.work is not None
         with atomic_path(self.work / f"part-{number:06d}.parquet") as tmp:
             pq.write_table(table, tmp, row_group_size=max(self.part_rows, 1))
+        for image_id in self._stamps:
+            self._own(image_id, len(existing))
         self.rows_written += table.num_rows
-        self._buffer, self._buffered = [], 0
+        self._buffer, self._buffered, self._stamps = [], 0, {}
 
-    def finish(self) -> int:
-        """Merge all parts into the target atomically, drop the work folder; returns the row count."""
+    def _surviving(self, index: int, table: pa.Table) -> pa.Table:
+        """Rows of part `index` that are current: not discarded, and not redone in a later part."""
+        if not self._discarded and index not in self._superseded:
+            return table
+        ids = table.column(self.id_column).to_pylist()
+        keep = [self._owner.get(i) == index and i not in self._discarded for i in ids]
+        return table.filter(pa.array(keep, pa.bool_()))
+
+    def finish(self) -> tuple[int, pa.Schema]:
+        """Merge the current rows of all parts into the target, drop the work folder; (rows, schema)."""
         self.flush()
         parts = self.parts()
         if not parts:
             raise PoolError(f"nothing to write to {self.target}: no rows were produced")
-        schema = self.schema or pq.read_schema(parts[0])
+        base = self.schema or pq.read_schema(parts[0])
+        schema = base.with_metadata({k: v for k, v in (base.metadata or {}).items() if k != STAMPS_KEY})
         rows = 0
-        with atomic_path(self.target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-            pending: list[pa.Table] = []
-            pending_rows = 0
-            for part in parts:
-                pf = pq.ParquetFile(part)
-                for i in range(pf.num_row_groups):
-                    group = pf.read_row_group(i).cast(schema)
-                    pending.append(group)
-                    pending_rows += group.num_rows
+        try:
+            with open_output(self.target, binary=True) as fh, pq.ParquetWriter(fh, schema) as writer:
+                pending: list[pa.Table] = []
+                pending_rows = 0
+                for index, part in enumerate(parts):
+                    table = self._surviving(index, pq.read_table(part)).cast(schema)
+                    pending.append(table)
+                    pending_rows += table.num_rows
                     if pending_rows >= MERGE_ROW_GROUP_ROWS:
                         writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
                         rows += pending_rows
                         pending, pending_rows = [], 0
-            if pending:
-                writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
-                rows += pending_rows
-        shutil.rmtree(self.work, ignore_errors=True)
-        return rows
+                if pending:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=max(pending_rows, 1))
+                    rows += pending_rows
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.target.option} {self.target}: {exc}") from None
+        self._remove_work()
+        return rows, schema
+
+    def _remove_work(self) -> None:
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def abandon(self) -> None:
         """On failure: drop the unflushed buffer, keep completed parts for a resume (no parts: no folder)."""
-        self._buffer, self._buffered = [], 0
-        if not self.parts():
-            shutil.rmtree(self.work, ignore_errors=True)
+        self._buffer, self._buffered, self._stamps = [], 0, {}
+        if not self.resumable or not self.parts():
+            self._remove_work()
