@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from naive import k_center_greedy_naive
+from synthetic import write_unit_pool
 
 from uwe_cli.embedding import normalize_uncertainty, uwe_weights
 from uwe_cli.pool import read_pool
-from uwe_cli.selection.naive import k_center_greedy_naive
-from uwe_cli.synthetic import write_unit_pool
 
 OUT = Path("bench-out")
 CASES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from uwe_cli.synthetic import write_unit_pool
+from synthetic import write_unit_pool
 
 
 def main() -> None:

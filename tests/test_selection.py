@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from naive import k_center_greedy_naive
 from reference import dense_embeddings, kcg_reference, kmeanspp_reference
 
 from uwe_cli.embedding import normalize_uncertainty, uwe_weights
@@ -13,7 +14,6 @@ from uwe_cli.selection import dense as engine
 from uwe_cli.selection.dense import CentreTracker, DenseEmbedding, as_weights
 from uwe_cli.selection.dense import dense_kcg as k_center_greedy
 from uwe_cli.selection.dense import dense_kmeanspp as kmeanspp_seeding
-from uwe_cli.selection.naive import k_center_greedy_naive
 from uwe_cli.selection.strategies import badge_weights
 
 

@@ -402,6 +402,43 @@ def load_model(
     )
 
 
+class ForwardTap:
+    """Forward hooks recording what modules see, call after call: their input (default) or output.
+
+    A head's input is the feature the paper uses; detectors call one head per level, so every call
+    is kept (`values`) and `take()` returns the last one and starts afresh.
+    """
+
+    def __init__(self, modules: Any, use_input: bool = True, name: str = "") -> None:
+        self.values: list[Any] = []
+        self.use_input = use_input
+        try:
+            self._handles = [m.register_forward_hook(self._hook) for m in modules]
+        except Exception as exc:  # TorchScript modules do not support hooks
+            raise ModelError(
+                f"cannot hook layer '{name}' ({type(modules[0]).__name__}): {_first_line(exc)}; "
+                "save the model as a state_dict or a pickled module instead of TorchScript"
+            ) from None
+
+    def _hook(self, _module: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        value = (inputs[0] if inputs else None) if self.use_input else output
+        if isinstance(value, (tuple, list)):
+            value = value[0]
+        if isinstance(value, dict):
+            value = next(iter(value.values()))
+        self.values.append(value)
+
+    def take(self) -> Any:
+        value = self.values[-1] if self.values else None
+        self.values = []
+        return value
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def find_module(module: Any, dotted: str) -> Any:
     """A submodule by dotted name (`layer4`, `classifier.1`), or ModelError listing a few valid names."""
     modules = dict(module.named_modules())

@@ -7,6 +7,8 @@ then a summary line, or one JSON line on stdout with `--json`.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,7 +40,7 @@ Checkpoint = Annotated[
 ]
 NumClasses = Annotated[
     int | None,
-    typer.Option("--num-classes", help="Classes K of the head [default: read from the checkpoint]."),
+    typer.Option("--num-classes", help="Classes K of the head (default: read from the checkpoint)."),
 ]
 Weights = Annotated[
     str | None,
@@ -70,8 +72,8 @@ Trust = Annotated[
         help="Allow checkpoints that run code when loaded (pickled modules, TorchScript). Only for files you trust.",
     ),
 ]
-Mean = Annotated[str | None, typer.Option("--mean", help="Normalisation mean R,G,B [default: ImageNet].")]
-Std = Annotated[str | None, typer.Option("--std", help="Normalisation std R,G,B [default: ImageNet].")]
+Mean = Annotated[str | None, typer.Option("--mean", help="Normalisation mean R,G,B (default: ImageNet).")]
+Std = Annotated[str | None, typer.Option("--std", help="Normalisation std R,G,B (default: ImageNet).")]
 Json = Annotated[bool, typer.Option("--json", help="Print a one-line JSON summary on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 
@@ -102,42 +104,47 @@ def parse_class_names(text: str | None) -> tuple[list[str] | None, list[Path]]:
     return [name.strip() for name in text.split(",")], []
 
 
-def common(
-    data: Path,
-    out: str,
-    model: str | None,
-    num_classes: int | None,
-    weights: str | None,
-    class_names: str | None,
-    batch_size: int,
-    num_workers: int,
-    device: str,
-    shard: str | None,
-    skip_bad_images: bool,
-    trust_checkpoint: bool,
-) -> dict[str, Any]:
-    """The config fields every task shares, parsed."""
+# Options every extract command takes, added to each command's signature by `shared_options`, so they
+# are declared (flags, help, default) once. The order here is the order in `--help`.
+SHARED: dict[str, tuple[Any, Any]] = {
+    "data": (Data, ...),
+    "out": (Out, ...),
+    "num_classes": (NumClasses, None),
+    "weights": (Weights, None),
+    "class_names": (ClassNames, None),
+    "num_workers": (NumWorkers, 2),
+    "device": (Device, "auto"),
+    "shard": (Shard, None),
+    "skip_bad_images": (SkipBadImages, False),
+    "trust_checkpoint": (Trust, False),
+    "json_summary": (Json, False),
+    "quiet": (Quiet, False),
+}
+
+
+def shared_options(func: Callable[..., None]) -> Callable[..., None]:
+    """Give an extract command the SHARED options as keyword parameters (Typer reads `__signature__`)."""
+    signature = inspect.signature(func, eval_str=True)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    own = [p.replace(kind=keyword) for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = [inspect.Parameter(name, keyword, default=d, annotation=a) for name, (a, d) in SHARED.items()]
+    func.__signature__ = signature.replace(parameters=[*shared, *own])  # type: ignore[attr-defined]
+    return func
+
+
+def run_extract(config: type, options: dict[str, Any], **task_options: Any) -> None:
+    """Build the task's config from the shared and the task's options, run it, and report."""
     from uwe_cli.data import parse_shard
 
-    names, files = parse_class_names(class_names)
-    return {
-        "data": data,
-        "out": out,
-        "model": model,
-        "num_classes": num_classes,
-        "weights": weights,
-        "class_names": names,
-        "batch_size": batch_size,
-        "num_workers": num_workers,
-        "device": device,
-        "shard": parse_shard(shard),
-        "skip_bad_images": skip_bad_images,
-        "trust_checkpoint": trust_checkpoint,
-        "extra_inputs": files,
-    }
+    quiet, json_summary = options.pop("quiet"), options.pop("json_summary")
+    with cli_errors():
+        names, files = parse_class_names(options.pop("class_names"))
+        shard = parse_shard(options.pop("shard"))
+        cfg = config(**options, **task_options, class_names=names, shard=shard, extra_inputs=files)
+    _run(cfg, quiet, json_summary)
 
 
-def run_extract(cfg: Any, quiet: bool, json_summary: bool) -> None:
+def _run(cfg: Any, quiet: bool, json_summary: bool) -> None:
     """Run a task config through its extractor and report (progress, warnings, summary or JSON)."""
     from uwe_cli.extract.runner import run_extraction, task_for
 
@@ -169,9 +176,8 @@ def run_extract(cfg: Any, quiet: bool, json_summary: bool) -> None:
             )
 
 
+@shared_options
 def classification(
-    data: Data,
-    out: Out,
     model: str | None = typer.Option(
         None, "--model", help="torchvision model name (e.g. resnet18) or pkg.module:factory."
     ),
@@ -180,79 +186,55 @@ def classification(
         "--checkpoint",
         help="state_dict (or, trusted, a pickled module / TorchScript); repeat for an ensemble.",
     ),
-    num_classes: NumClasses = None,
-    weights: Weights = None,
     feature_layer: str | None = typer.Option(
         None,
         "--feature-layer",
-        help="Dotted module name whose output is the feature [default: last Linear input].",
+        help="Dotted module name whose output is the feature (default: last Linear input).",
     ),
-    class_names: ClassNames = None,
     image_size: int | None = typer.Option(
-        None, "--image-size", help="Centre-crop size in pixels [default: 224]."
+        None, "--image-size", help="Centre-crop size in pixels (default: 224)."
     ),
     resize: int | None = typer.Option(
-        None, "--resize", help="Shorter side before cropping [default: image-size / 0.875]."
+        None, "--resize", help="Shorter side before cropping (default: image-size / 0.875)."
     ),
     mean: Mean = None,
     std: Std = None,
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    num_workers: NumWorkers = 2,
-    device: Device = "auto",
     amp: Amp = False,
     mc_dropout: int = typer.Option(0, "--mc-dropout", help="Stochastic passes with dropout on (adds bald)."),
-    shard: Shard = None,
-    skip_bad_images: SkipBadImages = False,
-    trust_checkpoint: Trust = False,
     no_probs: bool = typer.Option(False, "--no-probs", help="Do not write the probs column."),
-    json_summary: Json = False,
-    quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """Run a classifier over images and write a Parquet pool (feature, uncertainty, probs, pred)."""
     from uwe_cli.extract.classification import ClassificationConfig
 
     with cli_errors():
-        shared = common(
-            data, out, model, num_classes, weights, class_names, batch_size, num_workers, device, shard,
-            skip_bad_images, trust_checkpoint,
-        )  # fmt: skip
-        cfg = ClassificationConfig(
-            **shared,
-            checkpoints=list(checkpoint),
-            feature_layer=feature_layer,
-            image_size=image_size,
-            resize=resize,
-            mean=parse_floats(mean, "--mean"),
-            std=parse_floats(std, "--std"),
-            amp=amp,
-            mc_dropout=mc_dropout,
-            write_probs=not no_probs,
-        )
-    run_extract(cfg, quiet, json_summary)
+        mean_rgb, std_rgb = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    run_extract(
+        ClassificationConfig, options, model=model, checkpoints=list(checkpoint), feature_layer=feature_layer,
+        image_size=image_size, resize=resize, mean=mean_rgb, std=std_rgb, batch_size=batch_size, amp=amp,
+        mc_dropout=mc_dropout, write_probs=not no_probs,
+    )  # fmt: skip
 
 
+@shared_options
 def segmentation(
-    data: Data,
-    out: Out,
     model: str | None = typer.Option(
         None,
         "--model",
         help="torchvision segmentation model (e.g. deeplabv3_resnet50) or pkg.module:factory.",
     ),
     checkpoint: Checkpoint = None,
-    num_classes: NumClasses = None,
-    weights: Weights = None,
     feature_layer: str | None = typer.Option(
         None,
         "--feature-layer",
-        help="Dotted module name whose INPUT is the pixel feature [default: last Conv2d with K outputs].",
+        help="Dotted module name whose INPUT is the pixel feature (default: last Conv2d with K outputs).",
     ),
-    class_names: ClassNames = None,
     region_size: str | None = typer.Option(
         None, "--region-size", help="none (one row per image), N or HxW: one row per region of the grid."
     ),
     region_stride: str | None = typer.Option(
-        None, "--region-stride", help="N or HxW step between regions [default: the region size]."
+        None, "--region-stride", help="N or HxW step between regions (default: the region size)."
     ),
     resize: str | None = typer.Option(
         None, "--resize", help="none (native size), N (shorter side) or HxW before the model."
@@ -260,48 +242,29 @@ def segmentation(
     mean: Mean = None,
     std: Std = None,
     batch_size: int = typer.Option(2, "--batch-size", help="Images per forward pass (equal sizes only)."),
-    num_workers: NumWorkers = 2,
-    device: Device = "auto",
     amp: Amp = False,
-    shard: Shard = None,
-    skip_bad_images: SkipBadImages = False,
-    trust_checkpoint: Trust = False,
     heatmaps: Path | None = typer.Option(
         None, "--heatmaps", help="Write DIR/<image id>.png: pixel uncertainty as a colour map."
     ),
     heatmap_measure: str = typer.Option(
         "entropy", "--heatmap-measure", help="entropy, bvsb or least_confidence for --heatmaps."
     ),
-    json_summary: Json = False,
-    quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """Run a segmentation model over images; write a Parquet pool of mean pixel uncertainty and features."""
     from uwe_cli.extract.segmentation import SegmentationConfig
 
     with cli_errors():
-        shared = common(
-            data, out, model, num_classes, weights, class_names, batch_size, num_workers, device, shard,
-            skip_bad_images, trust_checkpoint,
-        )  # fmt: skip
-        cfg = SegmentationConfig(
-            **shared,
-            checkpoint=checkpoint,
-            feature_layer=feature_layer,
-            region_size=region_size,
-            region_stride=region_stride,
-            resize=resize,
-            mean=parse_floats(mean, "--mean"),
-            std=parse_floats(std, "--std"),
-            amp=amp,
-            heatmaps=heatmaps,
-            heatmap_measure=heatmap_measure,
-        )
-    run_extract(cfg, quiet, json_summary)
+        mean_rgb, std_rgb = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    run_extract(
+        SegmentationConfig, options, model=model, checkpoint=checkpoint, feature_layer=feature_layer,
+        region_size=region_size, region_stride=region_stride, resize=resize, mean=mean_rgb, std=std_rgb,
+        batch_size=batch_size, amp=amp, heatmaps=heatmaps, heatmap_measure=heatmap_measure,
+    )  # fmt: skip
 
 
+@shared_options
 def detection(
-    data: Data,
-    out: Out,
     model: str | None = typer.Option(
         None,
         "--model",
@@ -309,14 +272,6 @@ def detection(
         "fcos_resnet50_fpn, ssdlite320_mobilenet_v3_large) or pkg.module:factory.",
     ),
     checkpoint: Checkpoint = None,
-    num_classes: int | None = typer.Option(
-        None,
-        "--num-classes",
-        help="Class outputs of the detector, torchvision's convention: background included for R-CNN and "
-        "SSD (VOC: 21) [default: read from the checkpoint].",
-    ),
-    weights: Weights = None,
-    class_names: ClassNames = None,
     score_threshold: float = typer.Option(
         0.05,
         "--score-threshold",
@@ -328,41 +283,29 @@ def detection(
     min_size: int | None = typer.Option(
         None,
         "--min-size",
-        help="Shorter side the detector resizes to (R-CNN, RetinaNet, FCOS) [model's own].",
+        help="Shorter side the detector resizes to (R-CNN, RetinaNet, FCOS) (default: the model's own).",
     ),
     max_size: int | None = typer.Option(
-        None, "--max-size", help="Longer-side cap of that resize (R-CNN, RetinaNet, FCOS) [model's own]."
+        None,
+        "--max-size",
+        help="Longer-side cap of that resize (R-CNN, RetinaNet, FCOS) (default: the model's own).",
     ),
     batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass."),
-    num_workers: NumWorkers = 2,
-    device: Device = "auto",
-    shard: Shard = None,
-    skip_bad_images: SkipBadImages = False,
-    trust_checkpoint: Trust = False,
     no_probs: bool = typer.Option(False, "--no-probs", help="Do not write the per-box probs column."),
     visualize: Path | None = typer.Option(
         None, "--visualize", help="Folder for PNGs with the kept boxes; per class the max-bvsb box in bold."
     ),
-    json_summary: Json = False,
-    quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """Run a detector over images and write a detection pool: one row per kept box (label, score, box,
-    bvsb/entropy/least_confidence, probs, feature) and a null-label row per image without boxes."""
+    bvsb/entropy/least_confidence, probs, feature) and a null-label row per image without boxes.
+
+    --num-classes counts class outputs as torchvision does: background included for R-CNN and SSD (VOC: 21).
+    """
     from uwe_cli.extract.detection import DetectionConfig
 
-    with cli_errors():
-        shared = common(
-            data, out, model, num_classes, weights, class_names, batch_size, num_workers, device, shard,
-            skip_bad_images, trust_checkpoint,
-        )  # fmt: skip
-        cfg = DetectionConfig(
-            **shared,
-            checkpoint=checkpoint,
-            score_threshold=score_threshold,
-            max_detections=max_detections,
-            min_size=min_size,
-            max_size=max_size,
-            write_probs=not no_probs,
-            visualize=visualize,
-        )
-    run_extract(cfg, quiet, json_summary)
+    run_extract(
+        DetectionConfig, options, model=model, checkpoint=checkpoint, score_threshold=score_threshold,
+        max_detections=max_detections, min_size=min_size, max_size=max_size, batch_size=batch_size,
+        write_probs=not no_probs, visualize=visualize,
+    )  # fmt: skip

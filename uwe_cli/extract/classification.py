@@ -29,6 +29,7 @@ from uwe_cli.data import (
 from uwe_cli.errors import DataError, ModelError
 from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
 from uwe_cli.models import (
+    ForwardTap,
     LoadedModel,
     enable_dropout,
     find_module,
@@ -56,30 +57,6 @@ class ClassificationConfig(ExtractConfig):
         return [Path(c) for c in self.checkpoints] + super().checkpoint_paths()
 
 
-class FeatureTap:
-    """Forward hook keeping the last value seen at one module: its input (default head) or output."""
-
-    def __init__(self, module: Any, use_input: bool) -> None:
-        self.value: Any = None
-        self.use_input = use_input
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, _module: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        value = inputs[0] if self.use_input else output
-        if isinstance(value, (tuple, list)):
-            value = value[0]
-        if isinstance(value, dict):
-            value = next(iter(value.values()))
-        self.value = value
-
-    def take(self) -> Any:
-        value, self.value = self.value, None
-        return value
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
 def _split_output(output: Any) -> tuple[Any, Any]:
     """(logits, features or None) from a tensor, a (logits, features) tuple, or a dict."""
     if isinstance(output, dict):
@@ -95,7 +72,7 @@ class Member:
 
     def __init__(self, loaded: LoadedModel, feature_layer: str | None) -> None:
         self.loaded = loaded
-        self.tap: FeatureTap | None = None
+        self.tap: ForwardTap | None = None
         module = loaded.module
         if loaded.scripted:
             if feature_layer:
@@ -105,11 +82,11 @@ class Member:
                 )
             return
         if feature_layer:
-            self.tap = FeatureTap(find_module(module, feature_layer), use_input=False)
+            self.tap = ForwardTap([find_module(module, feature_layer)], use_input=False)
         else:
             head = last_linear_name(module)
             if head is not None:
-                self.tap = FeatureTap(find_module(module, head), use_input=True)
+                self.tap = ForwardTap([find_module(module, head)])
 
     def forward(self, images: Any) -> tuple[Any, Any]:
         """(logits (B, K), flattened features (B, d) or None)."""

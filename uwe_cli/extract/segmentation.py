@@ -33,7 +33,7 @@ from uwe_cli import __version__
 from uwe_cli.data import IMAGENET_MEAN, IMAGENET_STD, ImageItem, check_mean_std
 from uwe_cli.errors import DataError, ModelError
 from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
-from uwe_cli.models import LoadedModel, load_model
+from uwe_cli.models import ForwardTap, LoadedModel, load_model
 from uwe_cli.outputs import atomic_path, file_name_for_id
 from uwe_cli.schema import REGION_COLUMNS, UNCERTAINTY_MEASURES, record_batch, unit_schema
 
@@ -218,39 +218,6 @@ def _is_conv(module: Any) -> bool:
         return True
     # TorchScript modules keep the original class name
     return getattr(module, "original_name", None) == "Conv2d"
-
-
-class FeatureHook:
-    """Capture the input of one module on every forward pass (the last call wins)."""
-
-    def __init__(self, module: Any, name: str) -> None:
-        self.name = name
-        self.value: torch.Tensor | None = None
-        try:
-            self._handle = module.register_forward_hook(self._hook)
-        except Exception as exc:  # TorchScript modules do not support hooks
-            raise ModelError(
-                f"cannot hook layer '{name}' ({type(module).__name__}): {str(exc).splitlines()[0]}; "
-                "TorchScript models need to be exported as a regular module or pickled module"
-            ) from None
-
-    def _hook(self, module: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        self.value = inputs[0] if inputs else None
-
-    def take(self) -> torch.Tensor:
-        import torch
-
-        value, self.value = self.value, None
-        if not isinstance(value, torch.Tensor) or value.ndim != 4:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ModelError(
-                f"feature layer '{self.name}' was not called with an N×C×H×W tensor (got {shape}); "
-                "choose another --feature-layer"
-            )
-        return value
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,7 +463,7 @@ class SegmentationRunner:
         self.loaded = loaded
         self.num_classes = num_classes
         self.requested_layer = feature_layer
-        self.hook: FeatureHook | None = None
+        self.hook: ForwardTap | None = None
         self.layer_name = ""
         if feature_layer:
             self._attach(num_classes or 0)  # a missing name fails before any image is read
@@ -507,11 +474,13 @@ class SegmentationRunner:
 
     def _attach(self, num_classes: int) -> None:
         name, module = find_feature_layer(self.loaded.module, num_classes, self.requested_layer)
-        self.hook = FeatureHook(module, name)
+        self.hook = ForwardTap([module], name=name)
         self.layer_name = name
 
     def forward(self, images: Any) -> tuple[Any, Any]:
         """(logits B×K×h×w, features B×C×fh×fw), validated."""
+        import torch
+
         logits = output_logits(self.loaded.module(images))
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
             raise ModelError(
@@ -528,6 +497,12 @@ class SegmentationRunner:
             self._attach(self.num_classes)
             return self.forward(images)
         features = self.hook.take()
+        if not isinstance(features, torch.Tensor) or features.ndim != 4:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ModelError(
+                f"feature layer '{self.layer_name}' was not called with an N×C×H×W tensor (got {shape}); "
+                "choose another --feature-layer"
+            )
         if features.shape[0] != images.shape[0]:
             raise ModelError(
                 f"feature layer '{self.layer_name}' saw {features.shape[0]} samples for {images.shape[0]} "

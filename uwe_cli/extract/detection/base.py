@@ -9,7 +9,7 @@ one `register_family(...)` call, imported in `families.py`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,22 +131,6 @@ def final_conv(module: Any) -> Any:
     if last is None:
         raise ModelError(f"SSD classification block without a Conv2d: {type(module).__name__}")
     return last
-
-
-class InputRecorder:
-    """Forward hooks that record the input of given modules, call after call (one call per level)."""
-
-    def __init__(self, modules: Sequence[Any]) -> None:
-        self.inputs: list[Any] = []
-        self._handles = [m.register_forward_hook(self._hook) for m in modules]
-
-    def _hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
-        self.inputs.append(args[0])
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def backbone_features(model: Any, tensors: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

@@ -13,12 +13,12 @@ from uwe_cli.extract.detection.base import (
     DetectorInfo,
     Family,
     ImageDetections,
-    InputRecorder,
     backbone_features,
     gather_level_features,
     register_family,
     rescale_and_finish,
 )
+from uwe_cli.models import ForwardTap
 
 if TYPE_CHECKING:
     import torch
@@ -45,12 +45,12 @@ def run_dense_sigmoid(
     original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
     image_list, _ = model.transform(images)
     features = list(backbone_features(model, image_list.tensors).values())
-    recorder = InputRecorder([model.head.classification_head.cls_logits])
+    recorder = ForwardTap([model.head.classification_head.cls_logits])
     try:
         head_outputs = model.head(features)
     finally:
-        recorder.close()
-    level_maps = recorder.inputs[: len(features)]
+        recorder.remove()
+    level_maps = recorder.values[: len(features)]
     anchors = model.anchor_generator(image_list, features)
 
     hw = [x.size(2) * x.size(3) for x in features]

@@ -8,13 +8,13 @@ from uwe_cli.extract.detection.base import (
     DetectorInfo,
     Family,
     ImageDetections,
-    InputRecorder,
     backbone_features,
     final_conv,
     gather_level_features,
     register_family,
     rescale_and_finish,
 )
+from uwe_cli.models import ForwardTap
 
 if TYPE_CHECKING:
     import torch
@@ -56,12 +56,12 @@ def run_ssd(
     features = list(backbone_features(model, image_list.tensors).values())
     cls_head = model.head.classification_head
     finals = [final_conv(m) for m in cls_head.module_list]
-    recorder = InputRecorder(finals)
+    recorder = ForwardTap(finals)
     try:
         head_outputs = model.head(features)
     finally:
-        recorder.close()
-    level_maps = recorder.inputs[: len(features)]
+        recorder.remove()
+    level_maps = recorder.values[: len(features)]
     anchors_per_location = [int(c.out_channels) // int(cls_head.num_columns) for c in finals]
     width = max(int(c.in_channels) for c in finals)
     image_anchors = model.anchor_generator(image_list, features)
