@@ -174,7 +174,7 @@ def _detection_problem(
 
     warnings: list[str] = []
     if strat.embedding == "uwe":
-        u_norm, weights = box_weights(pool, split.in_play, opts["normalize"], opts["tau"])
+        _, u_norm, weights = box_weights(pool, split.in_play, opts["normalize"], opts["tau"])
         message = underflow_warning(u_norm, weights, opts["tau"], "boxes")
         warnings += [message] if message else []
     capacity = split.labeled.size + opts["budget"]

@@ -121,27 +121,23 @@ def _block_norm2(features, means, block_src, block_row, block_scale, out):  # pr
         out[b] = acc
 
 
-def _image_uncertainty(n: int, in_play: np.ndarray, image: np.ndarray, u_norm: np.ndarray) -> np.ndarray:
-    """Per image the largest normalised u of its boxes (0 without boxes, NaN out of play)."""
-    out = np.where(in_play, 0.0, np.nan)
-    np.maximum.at(out, image, u_norm)
-    return out
+def box_weights(
+    pool: DetectionPool, in_play: np.ndarray, normalize: str, tau: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(boxes of the images in play in row order, their normalised u, u^tau): u is normalised over
+    exactly these boxes, so it must be known before aggregating."""
+    boxes = np.flatnonzero(in_play[pool.box_image])
+    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize)
+    return boxes, u_norm, uwe_weights(u_norm, float(tau))
 
 
 def image_uncertainty(pool: DetectionPool, in_play: np.ndarray, normalize: str = "minmax") -> np.ndarray:
-    """The batch file's per-image uncertainty: max over its boxes of u normalised over the boxes in play."""
-    boxes = np.flatnonzero(in_play[pool.box_image])
-    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize)
-    return _image_uncertainty(pool.num_images, in_play, pool.box_image[boxes], u_norm)
-
-
-def box_weights(
-    pool: DetectionPool, in_play: np.ndarray, normalize: str, tau: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised u, u^tau) of the boxes of the images in play, in row order."""
-    boxes = np.flatnonzero(in_play[pool.box_image])
-    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize)
-    return u_norm, uwe_weights(u_norm, float(tau))
+    """The batch file's per-image uncertainty: the largest normalised u of its boxes (0 without boxes,
+    NaN out of play)."""
+    boxes, u_norm, _ = box_weights(pool, in_play, normalize, 0.0)
+    out = np.where(in_play, 0.0, np.nan)
+    np.maximum.at(out, pool.box_image[boxes], u_norm)
+    return out
 
 
 def build_classwise(
@@ -163,12 +159,9 @@ def build_classwise(
     if in_play.shape != (n,):
         raise SelectionError(f"in_play mask has shape {in_play.shape}, expected ({n},)")
 
-    boxes = np.flatnonzero(in_play[pool.box_image])  # in row order
-    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize)
-    scale = uwe_weights(u_norm, float(tau))  # tau = 0 is CoreSet on features
+    boxes, u_norm, scale = box_weights(pool, in_play, normalize, tau)  # tau = 0 is CoreSet on features
     image = pool.box_image[boxes]
     label = pool.box_label[boxes].astype(np.int64)
-    image_uncertainty = _image_uncertainty(n, in_play, image, u_norm)
 
     # Sort boxes by (image, class, -u, row): the first box of each group is the max box.
     order = np.lexsort((boxes, -u_norm, label, image))
@@ -224,7 +217,7 @@ def build_classwise(
         features=pool.box_features,
         means=means,
         in_play=in_play,
-        image_uncertainty=image_uncertainty,
+        image_uncertainty=image_uncertainty(pool, in_play, normalize),
         tau=float(tau),
         normalize=normalize,
         aggregate=aggregate,

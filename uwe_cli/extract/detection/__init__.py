@@ -1,49 +1,14 @@
 """Detection head: per kept box, its class distribution and feature, tracked through post-processing.
 
-torchvision's detectors return only ``boxes``, ``labels`` and ``scores``: their
-``postprocess_detections`` throws away the class distribution of each box and the link to the
-proposal or anchor that produced it, so neither the box's uncertainty (paper Eq. 8) nor its feature
-(Eq. 9) can be recovered from the standard output. This module runs the detector's own components
-(transform, backbone, RPN / heads, anchors) and re-implements each family's post-processing
-operation for operation -- the same score filter, top-k, small-box removal, batched NMS and
-detections-per-image cut, on the same tensors -- while carrying the index of the proposal/anchor
-along. The kept boxes are therefore bit-for-bit the model's standard output boxes (the tests check
-this against ``model(images)``), and for each we gather:
+torchvision's detectors return only boxes, labels and scores: post-processing drops each box's
+class distribution and the link to the proposal or anchor that produced it, so neither the box's
+uncertainty (paper Eq. 8) nor its feature (Eq. 9) survives. Each family module re-implements its
+post-processing operation for operation on the model's own tensors while carrying that index along,
+so the kept boxes are bit-for-bit the model's output (tested against `model(images)`). What each
+family stores is listed in docs/extract.md.
 
-=====================  ==========================================  ===================================
-family                 ``probs`` (K = model's class outputs)       ``feature``
-=====================  ==========================================  ===================================
-Faster / Mask /        softmax over the K classes (index 0 =       input of ``roi_heads.box_predictor``
-Keypoint R-CNN         background) of the box's proposal           for that proposal (box-head output,
-                                                                   1,024-d for the FPN models)
-RetinaNet (v1, v2)     sigmoid of the K class logits at the        input of the classification head's
-                       anchor that produced the box                final conv (``cls_logits``) at the
-                                                                   anchor's location (256-d)
-FCOS                   sqrt(sigmoid(class logit) *                 input of ``cls_logits`` at the
-                       sigmoid(centerness)) per class at the       location (256-d)
-                       location -- exactly what FCOS ranks by
-SSD, SSDlite           softmax over the K classes (index 0 =       input of the final classification
-                       background) at the default box              conv of the box's feature level at
-                                                                   its location, zero-padded to the
-                                                                   widest level
-=====================  ==========================================  ===================================
-
-Labels keep the model's own numbering (torchvision class 0 = background for the softmax families),
-so they match the checkpoint's category list and the user's annotation IDs; ``num_classes`` in the
-pool metadata is the model's number of class outputs K (background included where it exists).
-
-Uncertainty of a box is computed on its *foreground* distribution: the background column (softmax
-families) is dropped and the rest renormalised to sum 1; for sigmoid families the K independent
-scores are normalised to sum 1. A kept box is an object by construction (its score carries the
-objectness); what is uncertain is which object, which is what BvSB measures (Brust et al., 2018,
-on class probabilities conditional on objectness). Normalising the sigmoid scores instead of
-treating the classes as K independent binary problems keeps ``bvsb`` unchanged (a ratio is scale
-invariant), and keeps ``entropy`` and ``least_confidence`` on the same [0, log K] / [0, 1) scales
-as for the softmax families, so that pools of different detectors read alike; a sum of K binary
-entropies would grow with K and be dominated by the many near-zero classes.
-
-A user's own detector plugs in through the contract in `user.py`. Each family is one module of
-this package (`rcnn.py`, `dense_sigmoid.py`, `ssd.py`, `user.py`), registered in `base.FAMILIES`.
+Uncertainty is computed on a box's *foreground* distribution (see `base.box_uncertainty`): a kept
+box is an object by construction; what is uncertain is which object.
 """
 
 from __future__ import annotations
@@ -71,7 +36,7 @@ from uwe_cli.extract.detection.base import (
 )
 from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
 from uwe_cli.outputs import atomic_path, file_name_for_id
-from uwe_cli.schema import detection_schema, fixed_list
+from uwe_cli.schema import detection_schema, fixed_list, record_batch
 
 if TYPE_CHECKING:
     import torch
@@ -352,70 +317,50 @@ def detections_to_batch(
     """Pool rows for a batch of images: one per detection, one null-label row per empty image."""
     import torch
 
-    num_classes = schema.field("probs").type.list_size if "probs" in schema.names else None
+    k = schema.field("probs").type.list_size if "probs" in schema.names else None
     d = schema.field("feature").type.list_size
-    ids: list[str] = []
-    sources: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "score", "box", "probs", "feature")}
-    unc: dict[str, list[np.ndarray]] = {k: [] for k in ("bvsb", "entropy", "least_confidence")}
-    valid: list[np.ndarray] = []
-    k_width = num_classes if num_classes is not None else (dets[0].probs.shape[1] if dets else 0)
+    width = k if k is not None else (dets[0].probs.shape[1] if dets else 0)
+    zeros = torch.zeros
+    blank = ImageDetections(zeros(1, 4), zeros(1), zeros(1, dtype=torch.int64), zeros(1, width), zeros(1, d))
+    kept: list[ImageDetections] = []
+    valid: list[bool] = []
+    columns: dict[str, Any] = {"id": [], "source": []}
     for item, det in zip(items, dets, strict=True):
-        n = len(det)
-        rows = max(n, 1)
-        ids.extend([item.id] * rows)
-        sources.extend([str(item.path)] * rows)
-        if n == 0:
-            valid.append(np.zeros(1, dtype=bool))
-            parts["label"].append(np.zeros(1, np.int32))
-            parts["score"].append(np.zeros(1, np.float32))
-            parts["box"].append(np.zeros((1, 4), np.float32))
-            parts["probs"].append(np.zeros((1, k_width), np.float32))
-            parts["feature"].append(np.zeros((1, d), np.float32))
-            for key in unc:
-                unc[key].append(np.zeros(1, np.float32))
-            continue
-        if det.features.shape[1] != d:
-            raise ModelError(f"image {item.id}: feature length {det.features.shape[1]} differs from {d}")
-        if num_classes is not None and det.probs.shape[1] != num_classes:
-            raise ModelError(f"image {item.id}: {det.probs.shape[1]} class scores, expected {num_classes}")
-        finite = (
-            torch.isfinite(det.probs).all()
-            and torch.isfinite(det.features).all()
-            and torch.isfinite(det.boxes).all()
-            and torch.isfinite(det.scores).all()
-        )
-        if not bool(finite):
-            raise ModelError(f"the detector produced NaN or Inf for image {item.id}")
-        if n and (
-            int(det.labels.min()) < 0 or (num_classes is not None and int(det.labels.max()) >= num_classes)
-        ):
-            raise ModelError(f"image {item.id}: label outside [0, {num_classes}) from the detector")
-        valid.append(np.ones(n, dtype=bool))
-        parts["label"].append(det.labels.numpy().astype(np.int32))
-        parts["score"].append(det.scores.numpy())
-        parts["box"].append(det.boxes.numpy())
-        parts["probs"].append(det.probs.numpy())
-        parts["feature"].append(det.features.numpy())
-        for key, values in box_uncertainty(det.probs, background_class).items():
-            unc[key].append(values.numpy().astype(np.float32))
-    ok = np.concatenate(valid) if valid else np.zeros(0, dtype=bool)
-    null = None if ok.all() else pa.array(~ok)
-    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    arrays: dict[str, pa.Array] = {
-        "id": pa.array(ids, pa.string()),
-        "source": pa.array(sources, pa.string()),
-        "label": pa.array(cat["label"].astype(np.int32), pa.int32(), mask=None if null is None else ~ok),
-        "score": pa.array(cat["score"].astype(np.float32), pa.float32(), mask=None if null is None else ~ok),
-        "box": fixed_list(cat["box"].reshape(-1, 4), mask=null),
-        "feature": fixed_list(cat["feature"].reshape(-1, d), mask=null),
+        if len(det):
+            _check_detections(item.id, det, d, k)
+        rows = det if len(det) else blank
+        kept.append(rows)
+        valid += [len(det) > 0] * len(rows)
+        columns["id"] += [item.id] * len(rows)
+        columns["source"] += [str(item.path)] * len(rows)
+    cat = {
+        f: torch.cat([getattr(x, f) for x in kept])
+        for f in ("boxes", "scores", "labels", "probs", "features")
     }
-    for key, values in unc.items():
-        arr = np.concatenate(values) if values else np.zeros(0, np.float32)
-        arrays[key] = pa.array(arr, pa.float32(), mask=None if null is None else ~ok)
-    if "probs" in schema.names:
-        arrays["probs"] = fixed_list(cat["probs"].reshape(-1, k_width), mask=null)
-    return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
+    empty = ~np.asarray(valid, dtype=bool)
+    mask, list_mask = (empty, pa.array(empty)) if empty.any() else (None, None)
+    columns["label"] = pa.array(cat["labels"].numpy().astype(np.int32), pa.int32(), mask=mask)
+    columns["score"] = pa.array(cat["scores"].numpy(), pa.float32(), mask=mask)
+    columns["box"] = fixed_list(cat["boxes"].numpy(), mask=list_mask)
+    columns["feature"] = fixed_list(cat["features"].numpy(), mask=list_mask)
+    columns["probs"] = fixed_list(cat["probs"].numpy(), mask=list_mask)
+    for name, values in box_uncertainty(cat["probs"], background_class).items():
+        columns[name] = pa.array(values.numpy().astype(np.float32), pa.float32(), mask=mask)
+    return record_batch(schema, columns)
+
+
+def _check_detections(image_id: str, det: ImageDetections, d: int, k: int | None) -> None:
+    """A detector's output for one image must fit the pool's sizes and be finite."""
+    import torch
+
+    if det.features.shape[1] != d:
+        raise ModelError(f"image {image_id}: feature length {det.features.shape[1]} differs from {d}")
+    if k is not None and det.probs.shape[1] != k:
+        raise ModelError(f"image {image_id}: {det.probs.shape[1]} class scores, expected {k}")
+    if not all(bool(torch.isfinite(t).all()) for t in (det.probs, det.features, det.boxes, det.scores)):
+        raise ModelError(f"the detector produced NaN or Inf for image {image_id}")
+    if int(det.labels.min()) < 0 or (k is not None and int(det.labels.max()) >= k):
+        raise ModelError(f"image {image_id}: label outside [0, {k}) from the detector")
 
 
 def visualize_detections(

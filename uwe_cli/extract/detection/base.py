@@ -95,9 +95,10 @@ def get_family(name: str) -> Family:
 def box_uncertainty(probs: torch.Tensor, background_class: int | None) -> dict[str, torch.Tensor]:
     """entropy / bvsb / least_confidence of each row of `probs` on its foreground distribution.
 
-    The background column is dropped and the remaining scores renormalised to sum 1 (see the
-    `box_uncertainty` docs for why); a row whose foreground scores are all zero counts as uniform
-    (maximally uncertain) rather than producing NaN.
+    The background column (softmax families) is dropped and the rest renormalised to sum 1; sigmoid
+    scores are normalised to sum 1 too, which leaves bvsb unchanged and keeps entropy and
+    least_confidence on the same scales for every detector (a sum of K binary entropies would grow
+    with K). A row whose foreground scores are all zero counts as uniform rather than NaN.
     """
     import torch
 
