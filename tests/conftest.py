@@ -44,3 +44,18 @@ def write_pool(
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+def assert_one_line_error(result, needle: str, *absent: Path) -> None:
+    """Exit 2, one `error:` line on stderr naming the culprit, and none of `absent` exists."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert needle in " ".join(result.stderr.split()), (needle, result.stderr)
+    for path in absent:
+        assert not Path(path).exists(), path
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary or work files an interrupted or refused run might leave (hidden files and folders)."""
+    return [p for p in folder.rglob(".*")]

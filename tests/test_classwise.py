@@ -471,3 +471,76 @@ def test_many_classes_multiword_masks(tmp_path):
     unpruned = classwise_kcg(emb, candidates, centres, 40, prune=False)
     np.testing.assert_array_equal(unpruned[0], picks)
     np.testing.assert_array_equal(unpruned[1], distances)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch engine, K-Means++ and the one selection pipeline on detection pools
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+@pytest.mark.parametrize("with_labeled", [False, True])
+@pytest.mark.parametrize("integer", [False, True])
+def test_torch_engine_equals_dense_bruteforce(tmp_path, aggregate, with_labeled, integer):
+    from uwe_cli.selection.classwise_torch import TorchClasswiseTracker
+    from uwe_cli.selection.greedy import k_center_greedy
+
+    rng = np.random.default_rng(3 + with_labeled + 2 * integer)
+    rows = random_rows(rng, 60, 4, 5, n_duplicates=5, shuffle=True)
+    if integer:  # many exact ties: the summation order must not matter
+        for r in rows:
+            if r.get("feature") is not None:
+                r["feature"] = [float(v) for v in rng.integers(0, 3, 5)]
+                r["bvsb"] = 1.0
+    pool = read_detection_pool(write_pool(tmp_path / "p.parquet", rows, 5, num_classes=4))
+    labeled = np.array([0, 7, 9] if with_labeled else [], dtype=np.int64)
+    cand = np.setdiff1d(np.arange(pool.num_images), labeled)
+    emb = build_classwise(pool, None, tau=1.0, aggregate=aggregate)
+    tracker = TorchClasswiseTracker(emb, cand, len(labeled) + 20, device="cpu")
+    got = k_center_greedy(tracker, labeled, 20)
+    _ids, dense = reference_embeddings(rows, 4, 5, None, 1.0, "minmax", aggregate)
+    want, want_d = reference_kcg(dense, cand, labeled, 20)
+    assert cand[got.positions].tolist() == want
+    np.testing.assert_allclose(got.distances, want_d, rtol=1e-9)
+
+
+def test_kmeanspp_on_detection_pools_equals_dense_reference(tmp_path):
+    from reference import kmeanspp_reference
+
+    from uwe_cli.selection.classwise import ClasswiseTracker
+    from uwe_cli.selection.greedy import kmeanspp_seeding
+
+    rng = np.random.default_rng(5)
+    rows = random_rows(rng, 50, 3, 4)
+    pool = read_detection_pool(write_pool(tmp_path / "p.parquet", rows, 4, num_classes=3))
+    emb = build_classwise(pool)
+    _, dense = reference_embeddings(rows, 3, 4, None, 1.0, "minmax", "max")
+    cand, lab = np.arange(4, 50), np.arange(4)
+    for seed in (0, 1):
+        got = kmeanspp_seeding(ClasswiseTracker(emb, cand, 40), lab, 15, seed)
+        np.testing.assert_array_equal(got, kmeanspp_reference(dense, cand, lab, 15, seed))
+
+
+def test_run_select_on_detection_pools_honours_memory_and_device(tmp_path, monkeypatch):
+    from uwe_cli import select as select_module
+    from uwe_cli.errors import ResourceError
+    from uwe_cli.select import run_select
+    from uwe_cli.selection.classwise_torch import TorchClasswiseTracker
+
+    rng = np.random.default_rng(8)
+    path = write_pool(tmp_path / "p.parquet", random_rows(rng, 40, 3, 4), 4, num_classes=3)
+    with pytest.raises(ResourceError, match="--max-memory allows"):
+        run_select([path], 5, max_memory=1024)
+    numba = run_select([path], 6, device="cpu")
+    used = []
+    original = TorchClasswiseTracker.__init__
+
+    def spy(self, *args, **kwargs):
+        used.append(kwargs.get("device"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchClasswiseTracker, "__init__", spy)
+    monkeypatch.setattr(select_module, "resolve_device", lambda device: ("torch", "cpu"))
+    torch_run = run_select([path], 6, device="auto")
+    assert used == ["cpu"]
+    assert torch_run.batch.ids == numba.batch.ids
+    np.testing.assert_allclose(torch_run.batch.distance, numba.batch.distance, rtol=1e-12)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -475,14 +476,6 @@ def invoke(*args: str):
     from uwe_cli.cli import app
 
     return runner.invoke(app, list(args), env={"UWE_NO_PROGRESS": "1"})
-
-
-def assert_one_line_error(result, needle: str, out: Path) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert needle in result.output.replace("\n", " ")
-    assert not out.exists()
 
 
 def test_cli_bad_inputs(images: Path, resnet_ckpt: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _images import write_images
+from conftest import assert_one_line_error
 from torchvision.models import detection as D
 from torchvision.ops import boxes as box_ops
 from typer.testing import CliRunner
@@ -475,14 +476,6 @@ def invoke(*args: str):
     from uwe_cli.cli import app
 
     return runner.invoke(app, list(args), env={"UWE_NO_PROGRESS": "1"})
-
-
-def assert_one_line_error(result, needle: str, out: Path) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert needle in result.output.replace("\n", " ")
-    assert not out.exists()
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,12 @@ TRUST_HINT = "pass --trust-checkpoint only if you trust where the file comes fro
 
 
 def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
-    """The Python classes/functions a checkpoint would import, named for the error message."""
+    """The Python classes/functions a checkpoint would import, named for the error message.
+
+    Read without unpickling: torch's own scan for its zip format, `pickletools` (which only
+    disassembles) for plain pickle files.
+    """
+    import pickletools
     import re
 
     import torch
@@ -109,7 +114,21 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:
-        return re.findall(r"GLOBAL ([\w.]+)", str(exc))[:3]
+        pass
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with path.open("rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:
+        names = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    return list(dict.fromkeys(names))
 
 
 def read_checkpoint(path: Path, trust: bool = False) -> Any:

@@ -146,13 +146,13 @@ def run_extract(config: type, options: dict[str, Any], **task_options: Any) -> N
 
 def _run(cfg: Any, quiet: bool, json_summary: bool) -> None:
     """Run a task config through its extractor and report (progress, warnings, summary or JSON)."""
-    from uwe_cli.extract.runner import run_extraction, task_for
+    from uwe_cli.extract.runner import run_extraction
 
     refuse_two_stdout_outputs(cfg.out, json_summary)
     with cli_errors():
         if getattr(cfg, "amp", False) and cfg.device == "cpu":
             warn("--amp only applies on CUDA; running in float32 on the CPU")
-        task = task_for(cfg)
+        task = cfg.make_task()
         with progress_callback(
             f"extracting ({task.name})", show_progress(quiet or json_summary), "images"
         ) as update:

@@ -56,6 +56,9 @@ class ClassificationConfig(ExtractConfig):
     def checkpoint_paths(self) -> list[Path]:
         return [Path(c) for c in self.checkpoints] + super().checkpoint_paths()
 
+    def make_task(self) -> ClassificationTask:
+        return ClassificationTask(self)
+
 
 def _split_output(output: Any) -> tuple[Any, Any]:
     """(logits, features or None) from a tensor, a (logits, features) tuple, or a dict."""

@@ -54,6 +54,10 @@ class ExtractConfig:
     def checkpoint_paths(self) -> list[Path]:
         return [Path(self.checkpoint)] if self.checkpoint is not None else []
 
+    def make_task(self) -> ExtractionTask:
+        """The task this config runs (each task module's config class says which)."""
+        raise NotImplementedError
+
 
 @dataclass
 class ExtractionResult:
@@ -312,17 +316,3 @@ def _write(
     for rows in batches:
         keys = set(rows.column(task.resume_column).to_pylist())
         writer.write(rows, {k: stamps.get(k) for k in keys})
-
-
-def task_for(cfg: ExtractConfig) -> ExtractionTask:
-    """The task a config belongs to (the CLI builds configs; tasks are looked up by config type)."""
-    from uwe_cli.extract.classification import ClassificationConfig, ClassificationTask
-    from uwe_cli.extract.detection import DetectionConfig, DetectionTask
-    from uwe_cli.extract.segmentation import SegmentationConfig, SegmentationTask
-
-    tasks: dict[type, type[ExtractionTask]] = {
-        ClassificationConfig: ClassificationTask,
-        SegmentationConfig: SegmentationTask,
-        DetectionConfig: DetectionTask,
-    }
-    return tasks[type(cfg)](cfg)

@@ -366,6 +366,9 @@ class SegmentationConfig(ExtractConfig):
     heatmaps: str | Path | None = None
     heatmap_measure: str = "entropy"
 
+    def make_task(self) -> SegmentationTask:
+        return SegmentationTask(self)
+
 
 def parse_resize(text: str | None) -> tuple[int, int] | int | None:
     """`--resize`: None/'none' keeps the native size; N scales the shorter side to N; HxW is exact."""

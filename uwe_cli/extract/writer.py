@@ -77,8 +77,7 @@ class ResumablePoolWriter:
         self._stamps: dict[str, Stamp] = {}
         self._buffered = 0
         self._owner: dict[str, int] = {}  # image ID -> index of the part holding its current rows
-        self._superseded: set[int] = set()  # parts holding rows of an image redone in a later part
-        self._discarded: set[str] = set()
+        self._superseded: set[int] = set()  # parts holding rows no longer current
         self.rows_written = 0
         if self.work is not None and self.work.exists():
             try:
@@ -116,8 +115,10 @@ class ResumablePoolWriter:
         self._owner[image_id] = index
 
     def discard(self, image_ids: set[str]) -> None:
-        """Leave these images' rows out of the final pool (their input changed or disappeared)."""
-        self._discarded |= image_ids
+        """Leave the rows completed parts hold for these images out of the final pool (their input
+        changed or disappeared); rows written from now on for them count."""
+        for image_id in image_ids:
+            self._own(image_id, -1)
 
     def set_schema(self, schema: pa.Schema, metadata: dict[str, Any] | None = None) -> None:
         """Fix the schema (with the `uwe` metadata JSON) before the first write."""
@@ -174,11 +175,11 @@ class ResumablePoolWriter:
         self._buffer, self._buffered, self._stamps = [], 0, {}
 
     def _surviving(self, index: int, table: pa.Table) -> pa.Table:
-        """Rows of part `index` that are current: not discarded, and not redone in a later part."""
-        if not self._discarded and index not in self._superseded:
+        """Rows of part `index` that are current: not discarded and not redone in a later part."""
+        if index not in self._superseded:
             return table
         ids = table.column(self.id_column).to_pylist()
-        keep = [self._owner.get(i) == index and i not in self._discarded for i in ids]
+        keep = [self._owner.get(i) == index for i in ids]
         return table.filter(pa.array(keep, pa.bool_()))
 
     def finish(self) -> tuple[int, pa.Schema]:

@@ -108,6 +108,9 @@ class DetectionConfig(ExtractConfig):
     write_probs: bool = True
     visualize: str | Path | None = None
 
+    def make_task(self) -> DetectionTask:
+        return DetectionTask(self)
+
 
 def _to_tensor(image: Any) -> Any:
     """PIL → float CHW in [0, 1]: torchvision detectors normalise and resize inside the model."""
