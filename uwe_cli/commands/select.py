@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from uwe_cli.commands._common import cli_errors, fail, progress_callback, show_progress, stderr, warn
+from uwe_cli.commands._common import (
+    cli_errors,
+    progress_callback,
+    refuse_two_stdout_outputs,
+    show_progress,
+    stderr,
+    warn,
+)
+from uwe_cli.selection.strategies import strategy_help
 
 
 def select(
@@ -18,7 +26,7 @@ def select(
         None, help="Already labeled IDs: CSV with an 'id' column or one ID per line."
     ),
     exclude: Path | None = typer.Option(None, help="IDs never to select (same formats as --labeled)."),
-    strategy: str = typer.Option("uwe", help="uwe | coreset | uncertainty | random | kmeanspp | badge."),
+    strategy: str = typer.Option("uwe", help=f"{strategy_help()}."),
     uncertainty: str = typer.Option(
         "auto",
         help="Uncertainty column: entropy | bvsb | least_confidence | any float column (auto: entropy, "
@@ -40,8 +48,7 @@ def select(
     from uwe_cli.outputs import resolve_output
     from uwe_cli.select import parse_memory, run_select
 
-    if out == "-" and json_summary:
-        raise fail("--json and --out - both write to stdout; write the batch to a file with --out FILE")
+    refuse_two_stdout_outputs(out, json_summary)
     with cli_errors():
         inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
         target = resolve_output(out, "--out", inputs=inputs)
