@@ -8,15 +8,17 @@ sorted order so that shards and resumed runs see the same sequence.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uwe_cli.errors import DataError
+from uwe_cli import storage
+from uwe_cli.errors import DataError, StorageError
 from uwe_cli.schema import first_bad_id, id_problem
 
 IMAGE_EXTENSIONS = frozenset(
@@ -38,8 +40,8 @@ class ImageItem:
     """
 
     id: str
-    path: Path
-    stamp: tuple[int, int] | None = None
+    path: str | Path  # a local path or a URL
+    stamp: tuple[int, int | str] | None = None
     key: tuple[int, int] | None = None
 
 
@@ -52,16 +54,17 @@ def stat_item(image_id: str, path: Path) -> ImageItem:
 
 
 def list_images(source: str | Path) -> list[ImageItem]:
-    """Images of a folder (recursive) or a manifest (CSV/Parquet with `id`, `path`), in stable order."""
-    source = Path(source)
-    if not source.exists():
+    """Images of a folder or URL prefix (recursive) or a manifest (CSV/Parquet with `id`, `path`), in
+    stable order."""
+    source = storage.as_location(source)
+    if not storage.exists(source):
         raise DataError(f"image source not found: {source}")
-    if source.is_dir():
-        items = _scan_directory(source)
+    if storage.isdir(source):
+        items = _scan_directory(source) if isinstance(source, Path) else _scan_prefix(str(source))
         if not items:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"no images found in {source} (looked for {exts}, recursively)")
-    elif source.suffix.lower() in MANIFEST_EXTENSIONS:
+    elif Path(storage.name(source)).suffix.lower() in MANIFEST_EXTENSIONS:
         items = read_manifest(source)
     else:
         raise DataError(f"--data must be a folder or a .csv/.parquet manifest, got {source}")
@@ -111,14 +114,26 @@ def _scan_directory(root: Path) -> list[ImageItem]:
     return items
 
 
-def read_manifest(manifest: Path) -> list[ImageItem]:
-    """A CSV or Parquet manifest with `id` and `path` columns; relative paths are relative to it."""
+def _scan_prefix(prefix: str) -> list[ImageItem]:
+    """Every image object below a URL prefix (hidden components skipped), IDs relative to the prefix."""
+    return [
+        ImageItem(rel, url, storage.stamp(info))
+        for url, rel, info in storage.find(prefix, IMAGE_EXTENSIONS)  # type: ignore[misc]
+    ]
+
+
+def read_manifest(manifest: str | Path) -> list[ImageItem]:
+    """A CSV or Parquet manifest with `id` and `path` columns; relative paths are relative to it.
+
+    Paths may be URLs. Local files are checked (and stat'ed for resume) now; remote objects are not
+    fetched until read, where a missing one is an unreadable image.
+    """
     rows = _manifest_rows(manifest)
     if not rows:
         raise DataError(f"manifest {manifest} has no rows")
     items: list[ImageItem] = []
     seen: dict[str, int] = {}
-    base = manifest.parent
+    base = storage.parent(manifest)
     for row_number, (image_id, raw_path) in enumerate(rows, start=1):
         where = f"manifest {manifest}, row {row_number}"
         if image_id is None or str(image_id) == "":
@@ -132,9 +147,13 @@ def read_manifest(manifest: Path) -> list[ImageItem]:
         if image_id in seen:
             raise DataError(f"{where}: duplicate id '{image_id}' (first at row {seen[image_id]})")
         seen[image_id] = row_number
-        path = Path(str(raw_path)).expanduser()
+        raw = str(raw_path)
+        if storage.is_url(raw) or (storage.is_url(base) and not raw.startswith("/")):
+            items.append(ImageItem(image_id, raw if storage.is_url(raw) else storage.join(base, raw)))
+            continue
+        path = storage.local_path(raw).expanduser()
         if not path.is_absolute():
-            path = base / path
+            path = Path(base) / path
         item = stat_item(image_id, path)
         if item.stamp is None or not path.is_file():
             raise DataError(f"{where}: image file not found: {path}")
@@ -142,10 +161,10 @@ def read_manifest(manifest: Path) -> list[ImageItem]:
     return items
 
 
-def _manifest_rows(manifest: Path) -> list[tuple[Any, Any]]:
-    if manifest.suffix.lower() == ".csv":
+def _manifest_rows(manifest: str | Path) -> list[tuple[Any, Any]]:
+    if storage.name(manifest).lower().endswith(".csv"):
         try:
-            with manifest.open(newline="", encoding="utf-8-sig") as fh:
+            with io.StringIO(storage.read_bytes(manifest).decode("utf-8-sig"), newline="") as fh:
                 reader = csv.DictReader(fh)
                 columns = reader.fieldnames or []
                 _check_manifest_columns(manifest, columns)
@@ -156,7 +175,8 @@ def _manifest_rows(manifest: Path) -> list[tuple[Any, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(manifest)
+        with storage.open_input(manifest) as fh:
+            table = pq.read_table(fh)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(
             f"manifest {manifest} is not a readable Parquet file ({str(exc).splitlines()[0]})"
@@ -165,7 +185,7 @@ def _manifest_rows(manifest: Path) -> list[tuple[Any, Any]]:
     return list(zip(table.column("id").to_pylist(), table.column("path").to_pylist(), strict=True))
 
 
-def _check_manifest_columns(manifest: Path, columns: Sequence[str]) -> None:
+def _check_manifest_columns(manifest: str | Path, columns: Sequence[str]) -> None:
     missing = [c for c in ("id", "path") if c not in columns]
     if missing:
         found = ", ".join(columns) if columns else "none"
@@ -201,9 +221,10 @@ def load_image(path: str | Path) -> Any:
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
+        source: Any = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
                 if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                     # Composite on white so transparent pixels do not turn into arbitrary colours.
@@ -211,6 +232,8 @@ def load_image(path: str | Path) -> Any:
                     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     return Image.alpha_composite(background, rgba).convert("RGB")
                 return img.convert("RGB")
+    except StorageError as exc:
+        raise DataError(f"cannot read image {exc}") from None
     except (
         OSError,
         ValueError,
@@ -408,6 +431,47 @@ class Collate:
         return LoaderBatch([i for i, _ in good], payload, failures)
 
 
+class ThreadedLoader:
+    """Batches of remote images fetched and decoded by a pool of threads, in order.
+
+    For object stores the cost of an image is latency, not CPU: `concurrency` requests stay in flight
+    (reading an object and decoding it release the GIL), so a high-latency store does not starve the
+    model. Each image is fetched once; at most about 2 × `concurrency` decoded images wait in memory.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[ImageItem],
+        transform: Callable[[Any], Any],
+        batch_size: int,
+        concurrency: int,
+        stack: bool,
+    ) -> None:
+        self.dataset = ImageDataset(items, transform)
+        self.batch_size = batch_size
+        self.concurrency = max(1, concurrency)
+        self.collate = Collate(stack)
+
+    def __iter__(self) -> Iterator[LoaderBatch]:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(self.dataset)
+        window = max(2 * self.concurrency, self.batch_size)
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="uwe-fetch") as pool:
+            pending: deque[Any] = deque()
+            submitted = 0
+            batch: list[tuple[int, Any, str | None]] = []
+            while submitted < n or pending:
+                while submitted < n and len(pending) < window:
+                    pending.append(pool.submit(self.dataset.__getitem__, submitted))
+                    submitted += 1
+                batch.append(pending.popleft().result())
+                if len(batch) == self.batch_size or (not pending and submitted == n):
+                    yield self.collate(batch)
+                    batch = []
+
+
 def check_loader_options(batch_size: int, num_workers: int) -> None:
     if batch_size < 1:
         raise DataError(f"--batch-size must be positive, got {batch_size}")
@@ -422,8 +486,10 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     stack: bool = True,
+    io_concurrency: int = 16,
 ) -> Any:
-    """A DataLoader over `items` in order, yielding `LoaderBatch` objects.
+    """A loader over `items` in order, yielding `LoaderBatch` objects: torch's DataLoader for local
+    files, a `ThreadedLoader` (`io_concurrency` requests in flight) when any image is remote.
 
     Keep per-image work in `transform` free of torch arithmetic (see ClassificationPreprocess): with
     num_workers=0 it runs in the main process on all intra-op threads. Worker processes already
@@ -432,6 +498,8 @@ def make_loader(
     from torch.utils.data import DataLoader
 
     check_loader_options(batch_size, num_workers)
+    if any(storage.is_url(item.path) for item in items):
+        return ThreadedLoader(items, transform, batch_size, io_concurrency, stack)
     return DataLoader(
         ImageDataset(items, transform),  # type: ignore[arg-type]
         batch_size=batch_size,

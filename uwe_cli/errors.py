@@ -27,3 +27,7 @@ class ResourceError(UweError):
 
 class OutputError(UweError):
     """An output path that cannot or must not be written (an input, a directory, a full disk)."""
+
+
+class StorageError(UweError):
+    """A remote location that cannot be used (missing bucket or key, credentials, endpoint, package)."""

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from uwe_cli import storage
 from uwe_cli.errors import SelectionError
 
 # The csv module refuses fields above 128 KiB by default; IDs have no length limit.
@@ -24,11 +25,11 @@ csv.field_size_limit(2**31 - 1)
 
 def read_id_file(path: str | Path, option: str) -> list[str]:
     """IDs from a CSV whose header has an `id` column (a previous batch file works), else one per line."""
-    path = Path(path)
-    if not path.is_file():
+    path = storage.as_location(path)
+    if not storage.is_url(path) and not Path(path).is_file():
         raise SelectionError(f"{option} file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = storage.read_bytes(path).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise SelectionError(f"{option} file is not UTF-8 text: {path}") from None
     except OSError as exc:
@@ -50,7 +51,7 @@ def read_id_file(path: str | Path, option: str) -> list[str]:
         except csv.Error as exc:
             raise SelectionError(f"{option} file {path}: not a readable CSV file ({exc})") from None
         return ids[1:]
-    if path.suffix.lower() == ".csv":
+    if storage.name(path).lower().endswith(".csv"):
         raise SelectionError(f"{option} file {path}: a CSV needs an 'id' column (header: {first[:80]})")
     return [line for line in (raw.rstrip("\r").strip(" \t") for raw in text.split("\n")) if line]
 

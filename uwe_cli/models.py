@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uwe_cli import storage
 from uwe_cli.errors import ModelError, ResourceError
 
 TASK_MODULES = {
@@ -38,7 +39,7 @@ class LoadedModel:
 
     module: Any  # torch.nn.Module or torch.jit.ScriptModule
     name: str
-    checkpoint: Path | None = None
+    checkpoint: str | Path | None = None
     checkpoint_sha256: str | None = None
     scripted: bool = False
     class_names: list[str] | None = None
@@ -131,29 +132,31 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def read_checkpoint(path: Path, trust: bool = False) -> Any:
+def read_checkpoint(path: Path, trust: bool = False, shown: str | Path | None = None) -> Any:
     """The object in a checkpoint file: a state_dict (always the safe loader), or, with `trust`, a
     pickled module or TorchScript program.
 
     Without `trust` nothing in the file can run code: tensors, dicts, lists and numbers load through
     torch's weights-only unpickler, and anything else (a pickled nn.Module, an object with a
-    `__reduce__`, a TorchScript program) is refused with a one-line error naming the flag.
+    `__reduce__`, a TorchScript program) is refused with a one-line error naming the flag. `shown` is
+    the name used in messages (the URL a local copy came from).
     """
     import pickle
 
     import torch
 
+    where = shown if shown is not None else path
     if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path}")
+        raise ModelError(f"checkpoint not found: {where}")
     if is_torchscript(path):
         if not trust:
             raise ModelError(
-                f"checkpoint {path} is a TorchScript program, which runs code from the file; {TRUST_HINT}"
+                f"checkpoint {where} is a TorchScript program, which runs code from the file; {TRUST_HINT}"
             )
         try:
             return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
-            raise ModelError(f"cannot load TorchScript file {path}: {_first_line(exc)}") from None
+            raise ModelError(f"cannot load TorchScript file {where}: {_first_line(exc)}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4" notices on plain pickles
@@ -163,20 +166,20 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
             names = _unsafe_globals(path, exc)
             what = f" ({', '.join(names[:3])})" if names else ""
             raise ModelError(
-                f"checkpoint {path} holds Python objects beyond tensors{what}; unpickling them can run "
+                f"checkpoint {where} holds Python objects beyond tensors{what}; unpickling them can run "
                 f"code from the file: save a state_dict, or {TRUST_HINT}"
             ) from None
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read checkpoint {where}: {_first_line(exc)}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise ModelError(
-            f"checkpoint {path} holds a pickled object whose class cannot be imported ({_first_line(exc)}); "
+            f"checkpoint {where} holds a pickled object whose class cannot be imported ({_first_line(exc)}); "
             "make its module importable or save a state_dict"
         ) from None
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read checkpoint {where}: {_first_line(exc)}") from None
 
 
 def unwrap_state_dict(obj: Any, path: Path | str = "checkpoint") -> dict[str, Any]:
@@ -366,15 +369,18 @@ def load_model(
         device = resolve_device(device)
     if num_classes is not None and num_classes < 1:
         raise ModelError(f"--num-classes must be positive, got {num_classes}")
-    path = Path(checkpoint) if checkpoint is not None else None
-    obj = read_checkpoint(path, trust_checkpoint) if path is not None else None
-    sha = file_sha256(path) if path is not None else None
+    path = storage.as_location(checkpoint) if checkpoint is not None else None
+    obj = sha = None
+    if path is not None:
+        with storage.local_copy(path) as local:
+            obj = read_checkpoint(local, trust_checkpoint, shown=path)
+            sha = file_sha256(local)
     scripted = isinstance(obj, torch.jit.ScriptModule)
     weight_enum = None
 
     if scripted or isinstance(obj, torch.nn.Module):
         module = obj
-        name = model or (f"torchscript:{path.name}" if scripted else type(obj).__name__)  # type: ignore[union-attr]
+        name = model or (f"torchscript:{storage.name(path)}" if scripted else type(obj).__name__)  # type: ignore[union-attr]
     elif isinstance(obj, Mapping) and isinstance(obj.get("model"), torch.nn.Module):
         module = obj["model"]
         name = model or type(module).__name__

@@ -14,49 +14,39 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from uwe_cli import storage
 from uwe_cli.errors import OutputError
+from uwe_cli.storage import atomic_path, strerror
 
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-NEW_FILE_MODE = 0o666 & ~_UMASK
 STDOUT = "-"
 _MAX_NAME_BYTES = 200
 
 
 @dataclass(frozen=True)
 class Output:
-    """A checked output: `stdout`, an existing `stream` node (FIFO, character device), a `file`, or a `dir`."""
+    """A checked output: `stdout`, an existing `stream` node (FIFO, character device), a `file`, a `dir`,
+    or, for URLs, a `remote` object or `remote-dir` prefix (then `path` is the URL string)."""
 
     option: str
     kind: str
-    path: Path | None
+    path: Path | str | None
 
     @property
     def is_regular(self) -> bool:
-        """True for a file written by temp-and-rename (where side files such as reports can live)."""
-        return self.kind == "file"
+        """True for a file or object written whole at the end (where side files such as reports can live)."""
+        return self.kind in ("file", "remote")
 
     def __str__(self) -> str:
         return STDOUT if self.path is None else str(self.path)
-
-
-def _strerror(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
 
 
 def _existing_ancestor(path: Path, option: str) -> Path:
@@ -95,13 +85,15 @@ def resolve_output(
         if not allow_stdout or directory:
             raise OutputError(f"{option} - (stdout) is not possible here; give a path")
         return Output(option, "stdout", None)
-    path = Path(text).expanduser()
+    if storage.is_url(text):
+        return _resolve_remote(text, option, inputs, directory)
+    path = storage.local_path(text).expanduser()
     try:
         st = path.stat()
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise OutputError(f"cannot write {option} {path}: {_strerror(exc)}") from None
+        raise OutputError(f"cannot write {option} {path}: {strerror(exc)}") from None
     if st is None:
         if path.is_symlink():
             raise OutputError(f"{option} {path} is a dangling symlink; remove it or give another path")
@@ -127,6 +119,32 @@ def resolve_output(
     return Output(option, kind, path)
 
 
+def _resolve_remote(
+    url: str, option: str, inputs: Iterable[str | os.PathLike[str]], directory: bool
+) -> Output:
+    """A URL output: its bucket must exist, it must not be a prefix (unless a folder is wanted), and it
+    must not be, or lie under, a remote input."""
+    fs, path = storage.filesystem(url)
+    bucket = path.strip("/").split("/")[0]
+    with storage.remote_errors(url):
+        if not fs.exists(bucket):
+            raise OutputError(f"cannot write {option} {url}: bucket '{bucket}' does not exist")
+        is_prefix = fs.isdir(path)
+    if is_prefix and not directory:
+        raise OutputError(f"{option} {url} is a folder (prefix); give an object name")
+    own = url.rstrip("/")
+    for raw in inputs:
+        given = os.fspath(raw)
+        if not storage.is_url(given):
+            continue
+        source = given.rstrip("/")
+        if own == source:
+            raise OutputError(f"{option} {url} is the input {given}; write to another object")
+        if own.startswith(source + "/"):
+            raise OutputError(f"{option} {url} is inside the input folder {given}; write elsewhere")
+    return Output(option, "remote-dir" if directory else "remote", url)
+
+
 def check_not_input(
     path: Path,
     option: str,
@@ -141,6 +159,8 @@ def check_not_input(
     except OSError:
         key = None
     for raw in inputs:
+        if storage.is_url(raw):
+            continue
         given = Path(raw)
         source = Path(os.path.realpath(given))
         try:
@@ -159,32 +179,6 @@ def check_not_input(
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str], suffix: str = "", option: str = "--out") -> Iterator[Path]:
-    """A temporary path beside `target` that replaces it only if the block succeeds (umask permissions).
-
-    For writers that need a path of their own (Parquet, PNG). Parent folders are created.
-    """
-    target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"cannot write {option} {target}: {_strerror(exc)}") from None
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        try:
-            os.chmod(tmp_path, NEW_FILE_MODE)
-            os.replace(tmp_path, target)
-        except OSError as exc:
-            raise OutputError(f"cannot write {option} {target}: {_strerror(exc)}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-
-
-@contextlib.contextmanager
 def open_output(out: Output, binary: bool = False) -> Iterator[IO[Any]]:
     """A stream to write an output into: stdout, the FIFO/device itself, or a temp file renamed at the end.
 
@@ -196,7 +190,16 @@ def open_output(out: Output, binary: bool = False) -> Iterator[IO[Any]]:
     newline = None if binary else ""
     where = str(out)
     try:
-        if out.kind == "stdout":
+        if out.kind == "remote":
+            with storage.atomic_remote(str(out.path)) as raw:
+                if binary:
+                    yield raw
+                else:
+                    text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+                    yield text
+                    text.flush()
+                    text.detach()
+        elif out.kind == "stdout":
             stream = sys.stdout.buffer if binary else sys.stdout
             yield stream
             stream.flush()
@@ -214,7 +217,7 @@ def open_output(out: Output, binary: bool = False) -> Iterator[IO[Any]]:
         else:
             raise OutputError(f"{out.option} {where} is a directory; give a file name")
     except OSError as exc:
-        raise OutputError(f"cannot write {out.option} {where}: {_strerror(exc)}") from None
+        raise OutputError(f"cannot write {out.option} {where}: {strerror(exc)}") from None
 
 
 def file_name_for_id(unit_id: str, suffix: str) -> str:

@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -104,3 +104,19 @@ def emit_json(summary: dict[str, Any]) -> None:
 def refuse_two_stdout_outputs(out: object, json_summary: bool) -> None:
     if str(out) == "-" and json_summary:
         raise fail("--json and --out - both write to stdout; write the output to a file with --out FILE")
+
+
+StorageOption = Annotated[
+    list[str],
+    typer.Option(
+        "--storage-option",
+        help="KEY=VALUE passed to the remote filesystem (fsspec), e.g. anon=true, endpoint_url=...; repeatable.",
+    ),
+]
+
+
+def apply_storage_options(pairs: list[str]) -> None:
+    """Configure remote filesystems for this run (credentials come from the environment otherwise)."""
+    from uwe_cli import storage
+
+    storage.configure(storage.parse_storage_options(pairs))

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import typer
 
 from uwe_cli.commands._common import (
+    StorageOption,
+    apply_storage_options,
     cli_errors,
     emit_json,
     progress_callback,
@@ -26,14 +28,17 @@ from uwe_cli.commands._common import (
 from uwe_cli.errors import DataError
 
 Data = Annotated[
-    Path, typer.Option("--data", help="Image folder (recursive) or manifest CSV/Parquet (id,path).")
+    str,
+    typer.Option(
+        "--data", help="Image folder or URL prefix (recursive), or a manifest CSV/Parquet (id,path)."
+    ),
 ]
 Out = Annotated[
     str,
     typer.Option("--out", help="Pool file to write (.parquet), '-' for stdout; with --shard, a directory."),
 ]
 Checkpoint = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--checkpoint", help="state_dict (or, with --trust-checkpoint, a pickled module or TorchScript)."
     ),
@@ -91,13 +96,15 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
     return values
 
 
-def parse_class_names(text: str | None) -> tuple[list[str] | None, list[Path]]:
-    """(names, files read): a text file with one name per line, or a comma-separated list."""
+def parse_class_names(text: str | None) -> tuple[list[str] | None, list[str | Path]]:
+    """(names, files read): a text file (or URL) with one name per line, or a comma-separated list."""
+    from uwe_cli import storage
+
     if not text:
         return None, []
-    path = Path(text)
-    if path.is_file():
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if storage.is_url(text) or Path(text).is_file():
+        path = storage.as_location(text)
+        names = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
         if not names:
             raise DataError(f"--class-names file {path} is empty")
         return names, [path]
@@ -117,6 +124,11 @@ SHARED: dict[str, tuple[Any, Any]] = {
     "shard": (Shard, None),
     "skip_bad_images": (SkipBadImages, False),
     "trust_checkpoint": (Trust, False),
+    "io_concurrency": (
+        Annotated[int, typer.Option("--io-concurrency", help="Remote images fetched at once (URL --data).")],
+        16,
+    ),
+    "storage_option": (StorageOption, []),
     "json_summary": (Json, False),
     "quiet": (Quiet, False),
 }
@@ -137,7 +149,9 @@ def run_extract(config: type, options: dict[str, Any], **task_options: Any) -> N
     from uwe_cli.data import parse_shard
 
     quiet, json_summary = options.pop("quiet"), options.pop("json_summary")
+    storage_options = options.pop("storage_option")
     with cli_errors():
+        apply_storage_options(storage_options)
         names, files = parse_class_names(options.pop("class_names"))
         shard = parse_shard(options.pop("shard"))
         cfg = config(**options, **task_options, class_names=names, shard=shard, extra_inputs=files)
@@ -181,7 +195,7 @@ def classification(
     model: str | None = typer.Option(
         None, "--model", help="torchvision model name (e.g. resnet18) or pkg.module:factory."
     ),
-    checkpoint: list[Path] = typer.Option(
+    checkpoint: list[str] = typer.Option(
         [],
         "--checkpoint",
         help="state_dict (or, trusted, a pickled module / TorchScript); repeat for an ensemble.",
@@ -243,7 +257,7 @@ def segmentation(
     std: Std = None,
     batch_size: int = typer.Option(2, "--batch-size", help="Images per forward pass (equal sizes only)."),
     amp: Amp = False,
-    heatmaps: Path | None = typer.Option(
+    heatmaps: str | None = typer.Option(
         None, "--heatmaps", help="Write DIR/<image id>.png: pixel uncertainty as a colour map."
     ),
     heatmap_measure: str = typer.Option(
@@ -292,7 +306,7 @@ def detection(
     ),
     batch_size: int = typer.Option(4, "--batch-size", help="Images per forward pass."),
     no_probs: bool = typer.Option(False, "--no-probs", help="Do not write the per-box probs column."),
-    visualize: Path | None = typer.Option(
+    visualize: str | None = typer.Option(
         None, "--visualize", help="Folder for PNGs with the kept boxes; per class the max-bvsb box in bold."
     ),
     **options: Any,

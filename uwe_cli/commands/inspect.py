@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
-from uwe_cli.commands._common import cli_errors
+from uwe_cli.commands._common import StorageOption, apply_storage_options, cli_errors, emit_json
 
 
 def inspect(
-    pool: Path = typer.Argument(..., help="Parquet pool file or directory of parts."),
+    pool: str = typer.Argument(..., help="Parquet pool file or directory (URL prefix) of parts."),
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Describe a pool: rows, feature dimension, task, uncertainty columns (min/mean/max), metadata."""
     from rich.console import Console
@@ -21,9 +21,10 @@ def inspect(
     from uwe_cli.describe import describe_pool
 
     with cli_errors():
+        apply_storage_options(storage_option)
         info = describe_pool(pool)
     if json_out:
-        typer.echo(json.dumps(info, sort_keys=True, default=str))
+        emit_json(info)
         return
     console = Console(highlight=False)
     console.print(f"[bold]{info['path']}[/]  ({info['files']} file{'s' if info['files'] != 1 else ''})")

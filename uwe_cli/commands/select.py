@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
 from uwe_cli.commands._common import (
+    StorageOption,
+    apply_storage_options,
     cli_errors,
     progress_callback,
     refuse_two_stdout_outputs,
@@ -19,13 +20,15 @@ from uwe_cli.selection.strategies import strategy_help
 
 
 def select(
-    pools: list[Path] = typer.Argument(..., help="Parquet pool file(s) or directories of parts."),
+    pools: list[str] = typer.Argument(
+        ..., help="Parquet pool file(s) or directories (URL prefixes) of parts."
+    ),
     budget: int = typer.Option(..., "--budget", "-b", help="How many units to select."),
     out: str = typer.Option(..., "--out", "-o", help="Batch CSV to write, or '-' for stdout."),
-    labeled: Path | None = typer.Option(
-        None, help="Already labeled IDs: CSV with an 'id' column or one ID per line."
+    labeled: str | None = typer.Option(
+        None, help="Already labeled IDs: CSV with an 'id' column or one ID per line (path or URL)."
     ),
-    exclude: Path | None = typer.Option(None, help="IDs never to select (same formats as --labeled)."),
+    exclude: str | None = typer.Option(None, help="IDs never to select (same formats as --labeled)."),
     strategy: str = typer.Option("uwe", help=f"{strategy_help()}."),
     uncertainty: str = typer.Option(
         "auto",
@@ -42,6 +45,7 @@ def select(
     max_memory: str | None = typer.Option(None, help="Refuse pools needing more memory than this (e.g. 8G)."),
     json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress on stderr."),
+    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Choose the next batch to label from a pool of per-sample uncertainty and features."""
     from uwe_cli.batch import write_batch
@@ -50,6 +54,7 @@ def select(
 
     refuse_two_stdout_outputs(out, json_summary)
     with cli_errors():
+        apply_storage_options(storage_option)
         inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
         target = resolve_output(out, "--out", inputs=inputs)
         limit = parse_memory(max_memory) if max_memory else None

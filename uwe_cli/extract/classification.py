@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from uwe_cli import __version__
+from uwe_cli import __version__, storage
 from uwe_cli.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -53,8 +53,8 @@ class ClassificationConfig(ExtractConfig):
     mc_dropout: int = 0
     write_probs: bool = True
 
-    def checkpoint_paths(self) -> list[Path]:
-        return [Path(c) for c in self.checkpoints] + super().checkpoint_paths()
+    def checkpoint_paths(self) -> list[str | Path]:
+        return [storage.as_location(c) for c in self.checkpoints] + super().checkpoint_paths()
 
     def make_task(self) -> ClassificationTask:
         return ClassificationTask(self)
@@ -139,7 +139,7 @@ class ClassificationTask(ExtractionTask):
 
     def load(self, device: Any) -> None:
         cfg = self.cfg
-        paths: list[Path | None] = list(cfg.checkpoint_paths()) or [None]
+        paths: list[str | Path | None] = list(cfg.checkpoint_paths()) or [None]
         self.loaded = [
             load_model(
                 cfg.model, "classification", cfg.num_classes, ckpt, cfg.weights, device, cfg.trust_checkpoint

@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from uwe_cli import storage
 from uwe_cli.data import ImageItem, LoaderBatch, check_loader_options, list_images, make_loader, shard_items
 from uwe_cli.errors import DataError, OutputError
 from uwe_cli.extract.writer import DEFAULT_PART_ROWS, ResumablePoolWriter, shard_target, work_dir_for
@@ -49,10 +50,11 @@ class ExtractConfig:
     skip_bad_images: bool = False
     trust_checkpoint: bool = False
     part_rows: int = DEFAULT_PART_ROWS
+    io_concurrency: int = 16  # remote images fetched at once
     extra_inputs: Sequence[str | Path] = ()  # other files the command read (e.g. --class-names)
 
-    def checkpoint_paths(self) -> list[Path]:
-        return [Path(self.checkpoint)] if self.checkpoint is not None else []
+    def checkpoint_paths(self) -> list[str | Path]:
+        return [storage.as_location(self.checkpoint)] if self.checkpoint is not None else []
 
     def make_task(self) -> ExtractionTask:
         """The task this config runs (each task module's config class says which)."""
@@ -70,7 +72,7 @@ class ExtractionResult:
     resumed: int
     redone: int = 0
     skipped: list[tuple[ImageItem, str]] = field(default_factory=list)
-    skip_report: Path | None = None
+    skip_report: str | Path | None = None
     seconds: float = 0.0
     images_per_second: float = 0.0
     feature_dim: int = 0
@@ -162,6 +164,8 @@ class ExtractionTask(ABC):
 
 def _check_common(cfg: ExtractConfig, task: ExtractionTask) -> None:
     check_loader_options(task.batch_size, cfg.num_workers)
+    if cfg.io_concurrency < 1:
+        raise DataError(f"--io-concurrency must be positive, got {cfg.io_concurrency}")
     if cfg.part_rows < 1:
         raise DataError(f"part_rows must be positive, got {cfg.part_rows}")
     if cfg.num_classes is not None and cfg.num_classes < 1:
@@ -176,20 +180,22 @@ def _resolve_target(cfg: ExtractConfig, inputs: list[Path], keys: list[tuple[int
         part = shard_target(folder.path, cfg.shard)
         return resolve_output(part, "--out", inputs=inputs, input_keys=keys)
     target = resolve_output(cfg.out, "--out", inputs=inputs, input_keys=keys)
-    if target.is_regular and target.path is not None:
+    if target.kind == "file" and target.path is not None:
         for side in (work_dir_for(target.path), skip_report_path(target.path)):
-            check_not_input(side, "--out", inputs, keys)
+            check_not_input(Path(side), "--out", inputs, keys)
     return target
 
 
-def skip_report_path(target: Path) -> Path:
+def skip_report_path(target: str | Path) -> str | Path:
     """`OUT.skipped.csv` beside the pool (or the shard's part file)."""
-    return target.with_name(target.name.removesuffix(".parquet") + ".skipped.csv")
+    return storage.join(
+        storage.parent(target), storage.name(target).removesuffix(".parquet") + ".skipped.csv"
+    )
 
 
-def write_skip_report(path: Path, records: Sequence[tuple[ImageItem, str]]) -> None:
+def write_skip_report(path: str | Path, records: Sequence[tuple[ImageItem, str]]) -> None:
     """The images left out by --skip-bad-images, as CSV (id, path, error), written atomically."""
-    out = Output("--out", "file", path)
+    out = Output("--out", "remote" if storage.is_url(path) else "file", path)
     with open_output(out) as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["id", "path", "error"])
@@ -219,7 +225,7 @@ def run_extraction(task: ExtractionTask, progress: ProgressFn | None = None) -> 
     _check_common(cfg, task)
     task.validate()
     items = shard_items(list_images(cfg.data), cfg.shard)
-    inputs = [Path(cfg.data), *cfg.checkpoint_paths(), *map(Path, cfg.extra_inputs)]
+    inputs = [cfg.data, *cfg.checkpoint_paths(), *cfg.extra_inputs]
     keys = [item.key for item in items if item.key is not None]
     target = _resolve_target(cfg, inputs, keys)
     for folder, option in task.side_outputs():
@@ -243,8 +249,9 @@ def run_extraction(task: ExtractionTask, progress: ProgressFn | None = None) -> 
         resumed, redone, todo = _resume(writer, items)
         stamps = {item.id: (list(item.stamp) if item.stamp else None) for item in todo}
         loader = make_loader(
-            todo, task.transform(), task.batch_size, cfg.num_workers, device.type == "cuda", task.stack
-        )
+            todo, task.transform(), task.batch_size, cfg.num_workers, device.type == "cuda", task.stack,
+            cfg.io_concurrency,
+        )  # fmt: skip
         if progress is not None:
             progress(resumed, total)
         batch: LoaderBatch
@@ -275,8 +282,8 @@ def run_extraction(task: ExtractionTask, progress: ProgressFn | None = None) -> 
         if skipped:
             write_skip_report(report_path, skipped)
             report = report_path
-        elif report_path.exists():
-            report_path.unlink()
+        elif storage.exists(report_path):
+            storage.remove(report_path)
     from uwe_cli.schema import decode_metadata
 
     meta = decode_metadata(schema, str(target))

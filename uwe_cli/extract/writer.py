@@ -17,7 +17,6 @@ cannot be resumed.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from uwe_cli import storage
 from uwe_cli.errors import OutputError, PoolError
 from uwe_cli.outputs import Output, atomic_path, open_output
 from uwe_cli.schema import encode_metadata
@@ -37,15 +37,25 @@ MERGE_ROW_GROUP_ROWS = 4096
 Stamp = list[int] | None
 
 
-def shard_target(out_dir: str | Path, shard: tuple[int, int]) -> Path:
-    """The part file a shard owns inside the output directory."""
+def shard_target(out_dir: str | Path, shard: tuple[int, int]) -> str | Path:
+    """The part file a shard owns inside the output directory (or prefix)."""
     k, n = shard
-    return Path(out_dir) / f"part-{k:05d}-of-{n:05d}.parquet"
+    return storage.join(out_dir, f"part-{k:05d}-of-{n:05d}.parquet")
 
 
-def work_dir_for(target: Path) -> Path:
-    """Hidden folder holding the finished parts of an interrupted run."""
-    return target.parent / f".{target.name}.parts"
+def work_dir_for(target: str | Path) -> str | Path:
+    """Hidden folder (or prefix) beside the target holding the finished parts of an interrupted run."""
+    return storage.join(storage.parent(target), f".{storage.name(target)}.parts")
+
+
+def _read_schema(part: str | Path) -> pa.Schema:
+    with storage.open_input(part) as fh:
+        return pq.read_schema(fh)
+
+
+def _read_table(part: str | Path, columns: list[str] | None = None) -> pa.Table:
+    with storage.open_input(part) as fh:
+        return pq.read_table(fh, columns=columns)
 
 
 class ResumablePoolWriter:
@@ -68,7 +78,7 @@ class ResumablePoolWriter:
     ) -> None:
         self.target = target
         self.resumable = target.is_regular
-        self.work = work_dir_for(target.path) if self.resumable and target.path else None
+        self.work = work_dir_for(target.path) if self.resumable and target.path is not None else None
         self.part_rows = max(1, int(part_rows))
         self.id_column = id_column
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
@@ -79,9 +89,9 @@ class ResumablePoolWriter:
         self._owner: dict[str, int] = {}  # image ID -> index of the part holding its current rows
         self._superseded: set[int] = set()  # parts holding rows no longer current
         self.rows_written = 0
-        if self.work is not None and self.work.exists():
+        if self.work is not None and storage.exists(storage.join(self.work, RUN_FILE)):
             try:
-                previous = json.loads((self.work / RUN_FILE).read_text())
+                previous = json.loads(storage.read_text(storage.join(self.work, RUN_FILE)))
             except (OSError, ValueError):
                 previous = None
             if previous != self.fingerprint:
@@ -90,19 +100,19 @@ class ResumablePoolWriter:
                     "rerun the same command to resume, or delete that folder to start over"
                 )
 
-    def parts(self) -> list[Path]:
+    def parts(self) -> list[str | Path]:
         """Completed part files, in write order."""
-        if self.work is None or not self.work.exists():
+        if self.work is None:
             return []
-        return sorted(self.work.glob("part-*.parquet"))
+        return storage.glob(storage.join(self.work, "part-*.parquet"))
 
     def done(self) -> dict[str, Stamp]:
         """Image ID -> input stamp for every image whose rows completed parts hold (latest part wins)."""
         stamps: dict[str, Stamp] = {}
         for index, part in enumerate(self.parts()):
-            meta = pq.read_schema(part).metadata or {}
+            meta = _read_schema(part).metadata or {}
             recorded = json.loads(meta.get(STAMPS_KEY, b"{}"))
-            ids = pq.read_table(part, columns=[self.id_column]).column(0).unique().to_pylist()
+            ids = _read_table(part, [self.id_column]).column(0).unique().to_pylist()
             for image_id in ids:
                 stamps[image_id] = recorded.get(image_id)
                 self._own(image_id, index)
@@ -126,7 +136,7 @@ class ResumablePoolWriter:
             schema = schema.with_metadata(encode_metadata(metadata))
         existing = self.parts()
         if existing:
-            old = pq.read_schema(existing[0])
+            old = _read_schema(existing[0])
             if not old.remove_metadata().equals(schema.remove_metadata()):
                 raise PoolError(
                     f"{self.work}: the interrupted run wrote a different schema; delete that folder to start "
@@ -150,10 +160,9 @@ class ResumablePoolWriter:
     def _ensure_work(self) -> None:
         if self.work is None:
             self.work = Path(tempfile.mkdtemp(prefix="uwe-parts-"))
-        if not self.work.exists():
-            self.work.mkdir(parents=True)
-            with atomic_path(self.work / RUN_FILE) as tmp:
-                tmp.write_text(json.dumps(self.fingerprint, sort_keys=True))
+        run = storage.join(self.work, RUN_FILE)
+        if not storage.exists(run):
+            storage.write_bytes(run, json.dumps(self.fingerprint, sort_keys=True).encode())
 
     def flush(self) -> None:
         """Write the buffered rows as the next numbered part (atomically), with their input stamps."""
@@ -161,14 +170,19 @@ class ResumablePoolWriter:
             return
         self._ensure_work()
         existing = self.parts()
-        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        number = int(storage.name(existing[-1]).split("-")[1].split(".")[0]) + 1 if existing else 0
         table = pa.Table.from_batches(self._buffer, schema=self.schema)
         meta = dict(self.schema.metadata or {})
         meta[STAMPS_KEY] = json.dumps(self._stamps, sort_keys=True).encode()
         table = table.replace_schema_metadata(meta)
         assert self.work is not None
-        with atomic_path(self.work / f"part-{number:06d}.parquet") as tmp:
-            pq.write_table(table, tmp, row_group_size=max(self.part_rows, 1))
+        part = storage.join(self.work, f"part-{number:06d}.parquet")
+        if storage.is_url(part):
+            with storage.atomic_remote(str(part)) as fh:
+                pq.write_table(table, fh, row_group_size=max(self.part_rows, 1))
+        else:
+            with atomic_path(part) as tmp:
+                pq.write_table(table, tmp, row_group_size=max(self.part_rows, 1))
         for image_id in self._stamps:
             self._own(image_id, len(existing))
         self.rows_written += table.num_rows
@@ -188,7 +202,7 @@ class ResumablePoolWriter:
         parts = self.parts()
         if not parts:
             raise PoolError(f"nothing to write to {self.target}: no rows were produced")
-        base = self.schema or pq.read_schema(parts[0])
+        base = self.schema or _read_schema(parts[0])
         schema = base.with_metadata({k: v for k, v in (base.metadata or {}).items() if k != STAMPS_KEY})
         rows = 0
         try:
@@ -196,7 +210,7 @@ class ResumablePoolWriter:
                 pending: list[pa.Table] = []
                 pending_rows = 0
                 for index, part in enumerate(parts):
-                    table = self._surviving(index, pq.read_table(part)).cast(schema)
+                    table = self._surviving(index, _read_table(part)).cast(schema)
                     pending.append(table)
                     pending_rows += table.num_rows
                     if pending_rows >= MERGE_ROW_GROUP_ROWS:
@@ -213,7 +227,7 @@ class ResumablePoolWriter:
 
     def _remove_work(self) -> None:
         if self.work is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
+            storage.remove_tree(self.work)
 
     def abandon(self) -> None:
         """On failure: drop the unflushed buffer, keep completed parts for a resume (no parts: no folder)."""

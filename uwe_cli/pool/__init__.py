@@ -109,7 +109,7 @@ def open_pool(paths: Sequence[str | Path] | str | Path) -> PoolSource:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files = [f for p in paths for f in pool_files(p)]
-    if len({f.resolve() for f in files}) != len(files):
+    if len({str(f) if isinstance(f, str) else f.resolve() for f in files}) != len(files):
         raise PoolError("the same pool file is given twice")
     parquet = [open_parquet(f) for f in files]
     kind: str | None = None

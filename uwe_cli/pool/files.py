@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from uwe_cli.errors import PoolError
+from uwe_cli import storage
+from uwe_cli.errors import PoolError, StorageError
 from uwe_cli.schema import UNCERTAINTY_MEASURES
 
 READ_BATCH_BYTES = 32 << 20
@@ -32,8 +33,19 @@ def pool_files(path: str | Path) -> list[Path]:
     """The Parquet files making up a pool: the file itself, or a directory's parts in sorted order.
 
     Hidden files and folders (`.name`, `_name`) are skipped: they hold an extraction's work in progress.
+    A URL is a remote object or a prefix of parts (returned as URL strings).
     """
-    path = Path(path)
+    if storage.is_url(path):
+        url = str(path)
+        if storage.isdir(url):
+            parts = [u for u, _, _ in storage.find(url, [".parquet"])]
+            if not parts:
+                raise PoolError(f"no .parquet files under pool prefix: {url}")
+            return parts  # type: ignore[return-value]
+        if not storage.exists(url):
+            raise PoolError(f"pool not found: {url}")
+        return [url]  # type: ignore[list-item]
+    path = storage.local_path(path)
     if not path.exists():
         raise PoolError(f"pool not found: {path}")
     if path.is_dir():
@@ -57,7 +69,10 @@ def open_parquet(path: Path) -> pq.ParquetFile:
     try:
         # pre_buffer (pyarrow's default) holds whole column chunks in memory while reading; streaming
         # row groups into the feature matrix needs only one batch at a time.
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        source = storage.open_input(path) if storage.is_url(path) else path
+        return pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
+    except StorageError:
+        raise
     except (pa.ArrowException, OSError) as exc:
         raise PoolError(f"not a Parquet file: {path} ({_first_line(exc)})") from None
 

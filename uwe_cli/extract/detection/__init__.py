@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from uwe_cli import __version__
+from uwe_cli import __version__, storage
 from uwe_cli.data import ImageItem
 from uwe_cli.errors import DataError, ModelError, UweError
 from uwe_cli.extract.detection import dense_sigmoid, rcnn, ssd, user  # noqa: F401 - register the families
@@ -134,7 +134,7 @@ def _apply_sizes(module: Any, family: Family, min_size: int | None, max_size: in
         transform.max_size = int(max_size)
 
 
-def infer_num_classes(name: str, checkpoint: Path, trust: bool = False) -> int | None:
+def infer_num_classes(name: str, checkpoint: str | Path, trust: bool = False) -> int | None:
     """Classes of a torchvision detector's checkpoint, from its classification layer.
 
     models.load_model infers classes from the last nn.Linear, which for a detector is the box
@@ -145,7 +145,8 @@ def infer_num_classes(name: str, checkpoint: Path, trust: bool = False) -> int |
 
     from uwe_cli.models import build_torchvision, read_checkpoint, unwrap_state_dict
 
-    obj = read_checkpoint(checkpoint, trust)
+    with storage.local_copy(checkpoint) as local:
+        obj = read_checkpoint(local, trust, shown=checkpoint)
     if isinstance(obj, torch.nn.Module) or not isinstance(obj, dict):
         return None
     state = unwrap_state_dict(obj, checkpoint)
@@ -205,7 +206,9 @@ class DetectionTask(ExtractionTask):
             and ":" not in cfg.model
             and not cfg.weights
         ):
-            num_classes = infer_num_classes(cfg.model, Path(cfg.checkpoint), cfg.trust_checkpoint)
+            num_classes = infer_num_classes(
+                cfg.model, storage.as_location(cfg.checkpoint), cfg.trust_checkpoint
+            )
         self.loaded = load_model(
             cfg.model, "detection", num_classes, cfg.checkpoint, cfg.weights, device, cfg.trust_checkpoint
         )
