@@ -59,3 +59,6 @@ def assert_one_line_error(result, needle: str, *absent: Path) -> None:
 def leftovers(folder: Path) -> list[Path]:
     """Temporary or work files an interrupted or refused run might leave (hidden files and folders)."""
     return [p for p in folder.rglob(".*")]
+
+
+from s3_server import s3_bucket, s3_server  # noqa: E402, F401 - session fixtures (real S3 server)

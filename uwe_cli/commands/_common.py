@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from uwe_cli import config
 from uwe_cli.errors import UweError
@@ -25,7 +26,7 @@ stderr = Console(stderr=True, highlight=False)
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one error line on stderr and return the Exit to raise."""
-    first_line = " ".join(str(message).split())
+    first_line = escape(" ".join(str(message).split()))  # IDs and hints may hold [brackets]
     stderr.print(f"[bold red]error:[/] {first_line}", soft_wrap=True, markup=True)
     return typer.Exit(code)
 
@@ -52,7 +53,7 @@ def cli_errors() -> Iterator[None]:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True, markup=True)
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, markup=True)
 
 
 def show_progress(quiet: bool = False) -> bool:

@@ -187,6 +187,7 @@ def _run(cfg: Any, quiet: bool, json_summary: bool) -> None:
                 f"{s['processed']:,} images at {s['images_per_second']:.1f} images/s on {s['device']}"
                 f"{resumed}{redone}{'; ' + extra if extra else ''})",
                 soft_wrap=True,
+                markup=False,
             )
 
 

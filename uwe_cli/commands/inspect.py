@@ -26,8 +26,8 @@ def inspect(
     if json_out:
         emit_json(info)
         return
-    console = Console(highlight=False)
-    console.print(f"[bold]{info['path']}[/]  ({info['files']} file{'s' if info['files'] != 1 else ''})")
+    console = Console(highlight=False, markup=False)
+    console.print(f"{info['path']}  ({info['files']} file{'s' if info['files'] != 1 else ''})")
     console.print(f"rows: {info['rows']:,}" + (f"   images: {info['images']:,}" if "images" in info else ""))
     console.print(f"task: {info['task']}   feature dim: {info['feature_dim']}")
     table = Table("column", "min", "mean", "max", "nulls", title="float columns", title_justify="left")

@@ -86,6 +86,7 @@ def select(
 
 def _print_summary(result) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     s = result.summary
     table = Table(
@@ -99,10 +100,10 @@ def _print_summary(result) -> None:
     for i in shown:
         u, d = batch.uncertainty[i], batch.distance[i]
         table.add_row(
-            str(i + 1), batch.ids[i], "" if u is None else f"{u:.4f}", "" if d is None else f"{d:.4f}"
+            str(i + 1), Text(batch.ids[i]), "" if u is None else f"{u:.4f}", "" if d is None else f"{d:.4f}"
         )
     if len(batch) > len(shown):
-        table.add_row("…", f"{len(batch) - len(shown)} more in {s['out']}", "", "")
+        table.add_row("…", Text(f"{len(batch) - len(shown)} more in {s['out']}"), "", "")
     stderr.print(table)
     stderr.print(
         f"pool {s['pool_size']:,} · labeled {s['labeled']:,} · excluded {s['excluded']:,} · {s['seconds']:.2f} s"
