@@ -171,10 +171,17 @@ def test_split_weights_transform_is_bit_identical(weights: str, images: Path) ->
     raw, x = _split_batch(pre, pils)
     assert raw.dtype == torch.uint8
     assert torch.equal(x, torch.stack([transform(img) for img in pils]))
-    whole = split_weights_transform(classification_transform(SIZE))  # not ImageClassification: kept whole
-    assert whole.mean is None
-    _, y = _split_batch(whole, pils)
+    composed = split_weights_transform(classification_transform(SIZE))  # Resize, crop, ToTensor, Normalize
+    assert composed.mean is not None
+    _, y = _split_batch(composed, pils)
     assert torch.equal(y, torch.stack([classification_transform(SIZE)(img) for img in pils]))
+    odd = torchvision.transforms.Compose(
+        [*classification_transform(SIZE).transforms, torchvision.transforms.Lambda(abs)]
+    )
+    whole = split_weights_transform(odd)  # cannot be split: kept whole, same values
+    assert whole.mean is None
+    _, z = _split_batch(whole, pils)
+    assert torch.equal(z, torch.stack([odd(img) for img in pils]))
 
 
 def test_weights_transform_path_equals_direct_forward(

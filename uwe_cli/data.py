@@ -344,14 +344,14 @@ def classification_preprocess(
 
 
 def split_weights_transform(transform: Callable[[Any], Any]) -> ClassificationPreprocess:
-    """The transforms of torchvision weights (`ImageClassification`) split the same way.
-
-    `ImageClassification` resizes, centre-crops, converts to float (x / 255) and normalises; the
-    first two become the loader geometry and the rest the batch step. Any other transform is kept
-    whole in the loader (correct, only slower).
+    """A model's own evaluation transform split the same way: torchvision weights' `ImageClassification`,
+    or a `Compose` of geometry, to-tensor and `Normalize` (timm's). Anything else (a transformers image
+    processor) is kept whole in the loader (correct, only slower).
     """
     from torchvision import transforms
 
+    if isinstance(transform, transforms.Compose):
+        return _split_compose(transform)
     try:  # a private module of torchvision: if it ever moves, fall back to the whole transform
         from torchvision.transforms._presets import ImageClassification
     except ImportError:
@@ -371,6 +371,26 @@ def split_weights_transform(transform: Callable[[Any], Any]) -> ClassificationPr
     )
     return ClassificationPreprocess(
         geometry, tuple(float(m) for m in transform.mean), tuple(float(s) for s in transform.std)
+    )
+
+
+def _split_compose(transform: Any) -> ClassificationPreprocess:
+    """[PIL geometry..., ToTensor-like, Normalize] → uint8 geometry in the loader + batch normalisation."""
+    from torchvision import transforms
+
+    steps = list(transform.transforms)
+    geometric = (transforms.Resize, transforms.CenterCrop)
+    n = 0
+    while n < len(steps) and isinstance(steps[n], geometric):
+        n += 1
+    tail = steps[n:]
+    to_tensor = len(tail) == 2 and type(tail[0]).__name__ in ("ToTensor", "MaybeToTensor")
+    if not to_tensor or not isinstance(tail[1], transforms.Normalize) or tail[1].inplace:
+        return ClassificationPreprocess(transform)
+    geometry = transforms.Compose([*steps[:n], transforms.PILToTensor()])
+    mean, std = tail[1].mean, tail[1].std
+    return ClassificationPreprocess(
+        geometry, tuple(float(m) for m in list(mean)), tuple(float(v) for v in list(std))
     )
 
 

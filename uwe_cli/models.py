@@ -359,11 +359,14 @@ def load_model(
 ) -> LoadedModel:
     """One model in eval mode on `device`.
 
-    - `model` a torchvision name for `task` or `pkg.module:factory`, plus an optional state_dict
-      checkpoint (wrappers and prefixes handled; --num-classes inferred from it when omitted);
+    - `model` a torchvision name for `task`, `timm:NAME`, `hf:DIR` or `pkg.module:factory`, plus an
+      optional state_dict checkpoint (wrappers and prefixes handled; --num-classes inferred from it
+      when omitted);
     - `model` None with a checkpoint holding a whole pickled nn.Module or a TorchScript file.
     """
     import torch
+
+    from uwe_cli import model_sources
 
     if isinstance(device, str):
         device = resolve_device(device)
@@ -377,6 +380,7 @@ def load_model(
             sha = file_sha256(local)
     scripted = isinstance(obj, torch.jit.ScriptModule)
     weight_enum = None
+    class_names = transform = None
 
     if scripted or isinstance(obj, torch.nn.Module):
         module = obj
@@ -392,7 +396,18 @@ def load_model(
             )
         state = unwrap_state_dict(obj, path or "checkpoint") if obj is not None else None
         name = model
-        if ":" in model:
+        if model.startswith(model_sources.HF):
+            if state is not None:
+                raise ModelError(
+                    "--checkpoint is not used with --model hf:DIR (the directory holds the weights)"
+                )
+            module, class_names, processor = model_sources.build_hf(model[3:], task, trust_checkpoint)
+            transform = model_sources.ProcessorTransform(processor)
+        elif model.startswith(model_sources.TIMM):
+            if state is not None and num_classes is None and not weights:
+                num_classes = _infer_num_classes(model_sources.build_timm(model[5:], None, None)[0], state)
+            module, transform = model_sources.build_timm(model[5:], num_classes, weights)
+        elif ":" in model:
             module = build_factory(model, num_classes)
             if state is not None and num_classes is None:
                 inferred = _infer_num_classes(module, state)
@@ -410,8 +425,6 @@ def load_model(
         module = module.to(device).eval()
     except Exception as exc:
         raise ModelError(f"cannot move model {name} to {device}: {_first_line(exc)}") from None
-    class_names = None
-    transform = None
     if weight_enum is not None:
         categories = weight_enum.meta.get("categories")
         class_names = list(categories) if categories else None

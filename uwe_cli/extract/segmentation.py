@@ -543,7 +543,7 @@ class SegmentationTask(ExtractionTask):
             )
         self.mean = tuple(cfg.mean) if cfg.mean is not None else IMAGENET_MEAN
         self.std = tuple(cfg.std) if cfg.std is not None else IMAGENET_STD
-        self._transform = SegmentationTransform(self.resize, self.mean, self.std)
+        check_mean_std(self.mean, self.std)
         self.heat_dir = Path(cfg.heatmaps) if cfg.heatmaps else None
         # Region pools resume by image: parts never split an image, so one image_id seen means done.
         self.resume_column = "image_id" if self.grid is not None else "id"
@@ -568,6 +568,15 @@ class SegmentationTask(ExtractionTask):
                 "model; save the whole module (torch.save(model)) or a state_dict instead"
             )
         self.loaded = loaded
+        processor = getattr(loaded.weights_transform, "processor", None)
+        if processor is not None:  # a transformers model: its own normalisation and input size by default
+            if cfg.mean is None and getattr(processor, "image_mean", None) is not None:
+                self.mean = tuple(float(v) for v in processor.image_mean)
+            if cfg.std is None and getattr(processor, "image_std", None) is not None:
+                self.std = tuple(float(v) for v in processor.image_std)
+            size = getattr(processor, "size", None) or {}
+            if cfg.resize is None and getattr(processor, "do_resize", False) and "height" in size:
+                self.resize = (int(size["height"]), int(size["width"]))
         self.runner = SegmentationRunner(loaded, cfg.num_classes, cfg.feature_layer)
         self.use_amp = cfg.amp and device.type == "cuda"
 
@@ -583,7 +592,7 @@ class SegmentationTask(ExtractionTask):
         }
 
     def transform(self) -> Any:
-        return self._transform
+        return SegmentationTransform(self.resize, self.mean, self.std)
 
     def rows(self, items: list[ImageItem], payload: Any, device: Any) -> list[pa.RecordBatch]:
         import torch
