@@ -14,6 +14,7 @@ only when complete: a failed or killed run leaves no object at the final key.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -325,3 +326,12 @@ def remove(location: Location) -> None:
     fs, path = filesystem(url)
     with contextlib.suppress(FileNotFoundError), remote_errors(url):
         fs.rm(path)
+
+
+def save_png(location: Location, image: Any) -> None:
+    """A PIL image as a PNG file or object, written atomically (folders created for local paths)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    if not is_url(location):
+        local_path(location).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(location, buffer.getvalue())

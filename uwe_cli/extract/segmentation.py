@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from uwe_cli import __version__
+from uwe_cli import __version__, storage
 from uwe_cli.data import IMAGENET_MEAN, IMAGENET_STD, ImageItem, check_mean_std
 from uwe_cli.errors import DataError, ModelError
 from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
 from uwe_cli.models import ForwardTap, LoadedModel, load_model
-from uwe_cli.outputs import atomic_path, file_name_for_id
+from uwe_cli.outputs import file_name_for_id
 from uwe_cli.schema import REGION_COLUMNS, UNCERTAINTY_MEASURES, record_batch, unit_schema
 
 if TYPE_CHECKING:  # torch is imported lazily so that `uwe --help` stays fast
@@ -439,21 +439,19 @@ def _rows(
     return record_batch(schema, columns)
 
 
-def heatmap_path(directory: Path, image_id: str) -> Path:
+def heatmap_path(directory: str | Path, image_id: str) -> str | Path:
     """`DIR/<encoded image id>.png`: one file per ID, never outside DIR (see `file_name_for_id`)."""
-    return directory / file_name_for_id(image_id, ".png")
+    return storage.join(directory, file_name_for_id(image_id, ".png"))
 
 
-def write_heatmap(path: Path, values: np.ndarray, vmax: float, size_hw: tuple[int, int]) -> None:
+def write_heatmap(path: str | Path, values: np.ndarray, vmax: float, size_hw: tuple[int, int]) -> None:
     """One colour-mapped PNG at the original image size (nearest-neighbour upscaling, no smoothing)."""
     from PIL import Image
 
     image = Image.fromarray(colorize(values, vmax), mode="RGB")
     if (image.height, image.width) != size_hw:
         image = image.resize((size_hw[1], size_hw[0]), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        image.save(tmp, format="PNG")
+    storage.save_png(path, image)
 
 
 class SegmentationRunner:
@@ -544,7 +542,7 @@ class SegmentationTask(ExtractionTask):
         self.mean = tuple(cfg.mean) if cfg.mean is not None else IMAGENET_MEAN
         self.std = tuple(cfg.std) if cfg.std is not None else IMAGENET_STD
         check_mean_std(self.mean, self.std)
-        self.heat_dir = Path(cfg.heatmaps) if cfg.heatmaps else None
+        self.heat_dir = storage.as_location(cfg.heatmaps) if cfg.heatmaps else None
         # Region pools resume by image: parts never split an image, so one image_id seen means done.
         self.resume_column = "image_id" if self.grid is not None else "id"
 

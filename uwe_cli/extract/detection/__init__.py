@@ -35,7 +35,7 @@ from uwe_cli.extract.detection.base import (
     get_family,
 )
 from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
-from uwe_cli.outputs import atomic_path, file_name_for_id
+from uwe_cli.outputs import file_name_for_id
 from uwe_cli.schema import detection_schema, fixed_list, record_batch
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class DetectionTask(ExtractionTask):
         self._meta: dict[str, Any] = {}
         self.pending: list[tuple[list[ImageItem], list[ImageDetections]]] = []
         self.detections = self.empty = self.visualized = 0
-        self.vis_dir = Path(cfg.visualize) if cfg.visualize is not None else None
+        self.vis_dir = storage.as_location(cfg.visualize) if cfg.visualize is not None else None
 
     def validate(self) -> None:
         cfg = self.cfg
@@ -255,7 +255,7 @@ class DetectionTask(ExtractionTask):
             self.detections += len(det)
             self.empty += len(det) == 0
             if self.vis_dir is not None:
-                path = self.vis_dir / file_name_for_id(item.id, ".png")
+                path = storage.join(self.vis_dir, file_name_for_id(item.id, ".png"))
                 visualize_detections(image, det, path, self.info.background_class, self.class_names)
                 self.visualized += 1
         if self._schema is None:
@@ -372,7 +372,7 @@ def _check_detections(image_id: str, det: ImageDetections, d: int, k: int | None
 def visualize_detections(
     image: Any,
     det: ImageDetections,
-    path: Path,
+    path: str | Path,
     background_class: int | None,
     class_names: Sequence[str] | None,
 ) -> None:
@@ -402,9 +402,7 @@ def visualize_detections(
                 draw.text(
                     (x1 + 2, y1 + 1), f"{name} {float(det.scores[i]):.2f} u={float(u[i]):.2f}", fill=colour
                 )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        pil.save(tmp, format="PNG")
+    storage.save_png(path, pil)
 
 
 def _metadata(
