@@ -197,3 +197,17 @@ def test_bad_remote_inputs_are_one_line_errors(
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(StorageError, match="KEY=VALUE"):
         storage.parse_storage_options(["novalue"])
+
+
+def test_heatmaps_into_a_bucket(s3_bucket: str, fs: s3fs.S3FileSystem, tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    write_images(images, n=3, size=32)
+    r = invoke(
+        "extract", "segmentation", "--model", "test_extract_segmentation:tiny_dict", "--num-classes", 4,
+        "--data", images, "--out", tmp_path / "pool.parquet", "--heatmaps", f"s3://{s3_bucket}/heat/",
+        "--num-workers", 0, "--device", "cpu", "-q",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/heat"))
+    ids = pq.read_table(tmp_path / "pool.parquet").column("id").to_pylist()
+    assert names == sorted(i.replace("/", "%2F") + ".png" for i in ids)
