@@ -7,11 +7,12 @@ metadata, the checks every pool shares, and the memory estimate made before anyt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,6 +25,7 @@ from uwe_cli.pool.files import (
     iter_batches,
     open_parquet,
     pool_files,
+    read_row_group,
 )
 from uwe_cli.pool.unit import UnitPool, load_unit_pool
 from uwe_cli.schema import decode_metadata
@@ -57,6 +59,41 @@ class PoolSource:
     dim: int | None
     metadata: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None
+    selection: list[np.ndarray | None] | None = None  # per file: sorted row numbers to read (None: all)
+
+    def restrict(self, rows: np.ndarray) -> PoolSource:
+        """The same pool read only at the given global rows (ascending): a distributed worker's share."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.cumsum([0] + [pf.metadata.num_rows for pf in self.parquet])
+        files, parquet, selection = [], [], []
+        for i, (f, pf) in enumerate(zip(self.files, self.parquet, strict=True)):
+            lo, hi = np.searchsorted(rows, [starts[i], starts[i + 1]])
+            if hi > lo:
+                files.append(f)
+                parquet.append(pf)
+                selection.append(rows[lo:hi] - starts[i])
+        return replace(self, files=files, parquet=parquet, rows=int(rows.size), selection=selection)
+
+    def batches(self, columns: list[str], rows: int) -> Iterator[tuple[Path, pa.RecordBatch]]:
+        """(file, record batch) over the pool's rows in order, honouring a `restrict`ed selection."""
+        for i, (f, pf) in enumerate(zip(self.files, self.parquet, strict=True)):
+            wanted = None if self.selection is None else self.selection[i]
+            if wanted is None:
+                for batch in iter_batches(pf, f, columns, rows):
+                    yield f, batch
+                continue
+            group_starts = np.cumsum(
+                [0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            )
+            groups = np.unique(np.searchsorted(group_starts, wanted, side="right") - 1)
+            offset = 0
+            for g in groups:
+                table = read_row_group(pf, f, int(g), columns)
+                keep = wanted[(wanted >= group_starts[g]) & (wanted < group_starts[g + 1])] - group_starts[g]
+                picked = table.take(pa.array(keep))
+                for batch in picked.to_batches(max_chunksize=rows):
+                    yield f, batch
+                offset += len(keep)
 
     @property
     def names(self) -> list[str]:
@@ -66,11 +103,10 @@ class PoolSource:
         """d, from the Arrow type or (variable-length lists) from the first stored vector."""
         if self.dim is not None:
             return self.dim
-        for f, pf in zip(self.files, self.parquet, strict=True):
-            for batch in iter_batches(pf, f, ["feature"], 1024):
-                valid = batch.column(0).drop_null()
-                if len(valid):
-                    return len(valid[0].as_py())
+        for _, batch in self.batches(["feature"], 1024):
+            valid = batch.column(0).drop_null()
+            if len(valid):
+                return len(valid[0].as_py())
         return 0
 
     def estimate_bytes(self) -> int:

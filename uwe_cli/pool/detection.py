@@ -20,7 +20,6 @@ from uwe_cli.pool.files import (
     batch_rows,
     check_numeric_column,
     check_uncertainty_values,
-    iter_batches,
     list_to_matrix,
     resolve_uncertainty_column,
 )
@@ -107,9 +106,8 @@ def load_detection_pool(source: PoolSource, uncertainty: str | None = None) -> D
 
     # Pass 1 (label column only): the number of boxes, so features go into one exact allocation.
     n_boxes = 0
-    for f, pf in zip(source.files, source.parquet, strict=True):
-        for batch in iter_batches(pf, f, ["label"], 1 << 16):
-            n_boxes += len(batch) - batch.column(0).null_count
+    for _, batch in source.batches(["label"], 1 << 16):
+        n_boxes += len(batch) - batch.column(0).null_count
 
     optional = optional or []
     features: np.ndarray | None = None if dim is None else np.empty((n_boxes, dim), dtype=np.float32)
@@ -126,95 +124,92 @@ def load_detection_pool(source: PoolSource, uncertainty: str | None = None) -> D
     b = 0  # boxes written so far
     max_label = -1
     rows_per_batch = batch_rows(dim, 64 << 20)
-    for f, pf in zip(source.files, source.parquet, strict=True):
-        for batch in iter_batches(pf, f, columns, rows_per_batch):
-            n = batch.num_rows
-            ids = batch.column("id")
-            if ids.null_count:
-                first_null = row + _first_index(np.asarray(ids.is_null()))
-                raise PoolError(f"{f}: null id in column 'id' (row {first_null})")
-            ids = ids.cast(pa.string())
-            check_ids(ids, str(f))
-            id_chunks.append(ids)
-            if "source" in optional:
-                source_chunks.append(batch.column("source").cast(pa.string()))
-            is_box = np.asarray(batch.column("label").is_valid())
-            pos = np.flatnonzero(is_box)
-            m = len(pos)
-            if m == 0:
-                row += n
-                continue
-            take = pa.array(pos)
-
-            def where(i: int, _f: Path = f, _ids: pa.Array = ids, _pos: np.ndarray = pos) -> str:
-                return f"{_f}: id '{_ids[int(_pos[i])].as_py()}'"
-
-            feat_col = batch.column("feature")
-            null_feature = np.asarray(feat_col.is_null())[pos]
-            if null_feature.any():
-                i = _first_index(null_feature)
-                raise PoolError(
-                    f"{where(i)} has a box (label {batch.column('label')[int(pos[i])]}) with a null 'feature'"
-                )
-            if features is None or not pa.types.is_fixed_size_list(feat_col.type):
-                mat = list_to_matrix(feat_col.take(take), "feature", str(f))
-                if dim is None:
-                    dim = mat.shape[1]
-                if mat.shape[1] != dim:
-                    raise PoolError(f"{f}: feature length {mat.shape[1]} differs from {dim}")
-                if features is None:
-                    features = np.empty((n_boxes, dim), dtype=np.float32)
-                features[b : b + m] = mat
-            else:
-                # Gather the box rows straight from the flat child values: one copy, no filtered batch.
-                flat = feat_col.values.slice(feat_col.offset * dim, n * dim).to_numpy(zero_copy_only=False)
-                if flat.dtype == np.float32:
-                    np.take(flat.reshape(n, dim), pos, axis=0, out=features[b : b + m], mode="clip")
-                else:  # float16 (or float64) features are upcast/rounded to float32
-                    features[b : b + m] = flat.reshape(n, dim)[pos]
-            bad = ~np.isfinite(features[b : b + m]).all(axis=1)
-            if bad.any():
-                raise PoolError(f"{where(_first_index(bad))}: NaN or Inf in 'feature'")
-
-            unc = batch.column(unc_col).take(take)
-            if unc.null_count:
-                raise PoolError(
-                    f"{where(_first_index(np.asarray(unc.is_null())))}: null '{unc_col}' on a box"
-                )
-            values = unc.to_numpy(zero_copy_only=False).astype(np.float64)
-            check_uncertainty_values(values, unc_col, where)
-
-            labels = batch.column("label").take(take).to_numpy(zero_copy_only=False).astype(np.int64)
-            if (labels < 0).any():
-                i = _first_index(labels < 0)
-                raise PoolError(f"{where(i)}: negative 'label' ({labels[i]})")
-            if num_classes is not None and (labels >= num_classes).any():
-                i = _first_index(labels >= num_classes)
-                raise PoolError(
-                    f"{where(i)}: 'label' {labels[i]} outside [0, {num_classes}) (metadata num_classes)"
-                )
-            if labels.max() > np.iinfo(np.int32).max:
-                raise PoolError(f"{where(int(labels.argmax()))}: 'label' {labels.max()} too large")
-            max_label = max(max_label, int(labels.max()))
-
-            if box_score is not None:
-                score = batch.column("score").take(take)
-                box_score[b : b + m] = score.fill_null(np.nan).to_numpy(zero_copy_only=False)
-            if box_coords is not None:
-                coords = batch.column("box").take(take)
-                if coords.null_count:
-                    box_coords[b : b + m] = np.nan
-                    valid = np.asarray(coords.is_valid())
-                    coords = coords.filter(pa.array(valid))
-                    box_coords[b : b + m][valid] = list_to_matrix(coords, "box", str(f))
-                else:
-                    box_coords[b : b + m] = list_to_matrix(coords, "box", str(f))
-
-            box_unc[b : b + m] = values
-            box_label[b : b + m] = labels
-            box_row[b : b + m] = row + pos
-            b += m
+    for f, batch in source.batches(columns, rows_per_batch):
+        n = batch.num_rows
+        ids = batch.column("id")
+        if ids.null_count:
+            first_null = row + _first_index(np.asarray(ids.is_null()))
+            raise PoolError(f"{f}: null id in column 'id' (row {first_null})")
+        ids = ids.cast(pa.string())
+        check_ids(ids, str(f))
+        id_chunks.append(ids)
+        if "source" in optional:
+            source_chunks.append(batch.column("source").cast(pa.string()))
+        is_box = np.asarray(batch.column("label").is_valid())
+        pos = np.flatnonzero(is_box)
+        m = len(pos)
+        if m == 0:
             row += n
+            continue
+        take = pa.array(pos)
+
+        def where(i: int, _f: Path = f, _ids: pa.Array = ids, _pos: np.ndarray = pos) -> str:
+            return f"{_f}: id '{_ids[int(_pos[i])].as_py()}'"
+
+        feat_col = batch.column("feature")
+        null_feature = np.asarray(feat_col.is_null())[pos]
+        if null_feature.any():
+            i = _first_index(null_feature)
+            raise PoolError(
+                f"{where(i)} has a box (label {batch.column('label')[int(pos[i])]}) with a null 'feature'"
+            )
+        if features is None or not pa.types.is_fixed_size_list(feat_col.type):
+            mat = list_to_matrix(feat_col.take(take), "feature", str(f))
+            if dim is None:
+                dim = mat.shape[1]
+            if mat.shape[1] != dim:
+                raise PoolError(f"{f}: feature length {mat.shape[1]} differs from {dim}")
+            if features is None:
+                features = np.empty((n_boxes, dim), dtype=np.float32)
+            features[b : b + m] = mat
+        else:
+            # Gather the box rows straight from the flat child values: one copy, no filtered batch.
+            flat = feat_col.values.slice(feat_col.offset * dim, n * dim).to_numpy(zero_copy_only=False)
+            if flat.dtype == np.float32:
+                np.take(flat.reshape(n, dim), pos, axis=0, out=features[b : b + m], mode="clip")
+            else:  # float16 (or float64) features are upcast/rounded to float32
+                features[b : b + m] = flat.reshape(n, dim)[pos]
+        bad = ~np.isfinite(features[b : b + m]).all(axis=1)
+        if bad.any():
+            raise PoolError(f"{where(_first_index(bad))}: NaN or Inf in 'feature'")
+
+        unc = batch.column(unc_col).take(take)
+        if unc.null_count:
+            raise PoolError(f"{where(_first_index(np.asarray(unc.is_null())))}: null '{unc_col}' on a box")
+        values = unc.to_numpy(zero_copy_only=False).astype(np.float64)
+        check_uncertainty_values(values, unc_col, where)
+
+        labels = batch.column("label").take(take).to_numpy(zero_copy_only=False).astype(np.int64)
+        if (labels < 0).any():
+            i = _first_index(labels < 0)
+            raise PoolError(f"{where(i)}: negative 'label' ({labels[i]})")
+        if num_classes is not None and (labels >= num_classes).any():
+            i = _first_index(labels >= num_classes)
+            raise PoolError(
+                f"{where(i)}: 'label' {labels[i]} outside [0, {num_classes}) (metadata num_classes)"
+            )
+        if labels.max() > np.iinfo(np.int32).max:
+            raise PoolError(f"{where(int(labels.argmax()))}: 'label' {labels.max()} too large")
+        max_label = max(max_label, int(labels.max()))
+
+        if box_score is not None:
+            score = batch.column("score").take(take)
+            box_score[b : b + m] = score.fill_null(np.nan).to_numpy(zero_copy_only=False)
+        if box_coords is not None:
+            coords = batch.column("box").take(take)
+            if coords.null_count:
+                box_coords[b : b + m] = np.nan
+                valid = np.asarray(coords.is_valid())
+                coords = coords.filter(pa.array(valid))
+                box_coords[b : b + m][valid] = list_to_matrix(coords, "box", str(f))
+            else:
+                box_coords[b : b + m] = list_to_matrix(coords, "box", str(f))
+
+        box_unc[b : b + m] = values
+        box_label[b : b + m] = labels
+        box_row[b : b + m] = row + pos
+        b += m
+        row += n
     assert b == n_boxes
     if features is None:
         features = np.empty((0, dim or 0), dtype=np.float32)

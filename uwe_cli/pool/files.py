@@ -85,6 +85,13 @@ def iter_batches(pf: pq.ParquetFile, path: Path, columns: list[str], rows: int) 
         raise PoolError(f"{path}: unreadable Parquet data ({_first_line(exc)})") from None
 
 
+def read_row_group(pf: pq.ParquetFile, path: Path, group: int, columns: list[str]) -> pa.Table:
+    try:
+        return pf.read_row_group(group, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise PoolError(f"{path}: unreadable Parquet data ({_first_line(exc)})") from None
+
+
 def read_column(pf: pq.ParquetFile, path: Path, column: str) -> pa.ChunkedArray:
     """One whole column of a file (small columns only: ids, labels, uncertainty)."""
     try:

@@ -19,7 +19,6 @@ from uwe_cli.pool.files import (
     check_numeric_column,
     check_uncertainty_values,
     check_unique_ids,
-    iter_batches,
     list_to_matrix,
     resolve_uncertainty_column,
 )
@@ -91,55 +90,54 @@ def load_unit_pool(
     columns += list(extra_chunks)
 
     row = 0
-    for f, pf in zip(source.files, source.parquet, strict=True):
-        for batch in iter_batches(pf, f, columns, batch_rows(dim)):
-            n = batch.num_rows
-            ids = batch.column("id")
-            if ids.null_count:
-                raise PoolError(f"{f}: null id in column 'id'")
-            ids = ids.cast(pa.string())
-            check_ids(ids, str(f))
-            id_chunks.append(ids)
+    for f, batch in source.batches(columns, batch_rows(dim)):
+        n = batch.num_rows
+        ids = batch.column("id")
+        if ids.null_count:
+            raise PoolError(f"{f}: null id in column 'id'")
+        ids = ids.cast(pa.string())
+        check_ids(ids, str(f))
+        id_chunks.append(ids)
 
-            def where_row(i: int, _f: Path = f, _ids: pa.Array = ids) -> str:
-                return f"{_f}: id '{_ids[i].as_py()}'"
+        def where_row(i: int, _f: Path = f, _ids: pa.Array = ids) -> str:
+            return f"{_f}: id '{_ids[i].as_py()}'"
 
-            mat = list_to_matrix(batch.column("feature"), "feature", str(f))
-            if dim is None:
-                dim = mat.shape[1]
-            if mat.shape[1] != dim:
-                raise PoolError(f"{f}: feature length {mat.shape[1]} differs from {dim}")
-            if features is None:
-                features = np.empty((total, dim), dtype=dtype)
-            bad = ~np.isfinite(mat).all(axis=1)
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise PoolError(f"{f}: NaN or Inf in 'feature' of id '{ids[i].as_py()}'")
-            features[row : row + n] = mat
-            if unc is not None and unc_col is not None:
-                col = batch.column(unc_col)
-                if col.null_count:
-                    i = int(np.flatnonzero(np.asarray(col.is_null()))[0])
-                    raise PoolError(f"{f}: null '{unc_col}' for id '{ids[i].as_py()}'")
-                values = col.to_numpy(zero_copy_only=False).astype(np.float64)
-                if not np.isfinite(values).all():
-                    i = int(np.flatnonzero(~np.isfinite(values))[0])
-                    raise PoolError(f"{f}: NaN or Inf in '{unc_col}' of id '{ids[i].as_py()}'")
-                check_uncertainty_values(values, unc_col, where_row)
-                unc[row : row + n] = values
-            if need_probs:
-                p = list_to_matrix(batch.column("probs"), "probs", f"{f}, rows {row}-{row + n - 1}")
-                p = p.astype(np.float32)
-                if not np.isfinite(p).all():
-                    raise PoolError(f"{f}: NaN or Inf in 'probs'")
-                if probs is None:
-                    probs = np.empty((total, p.shape[1]), dtype=np.float32)
-                if p.shape[1] != probs.shape[1]:
-                    raise PoolError(f"{f}: probs length {p.shape[1]} differs from {probs.shape[1]}")
-                probs[row : row + n] = p
-            for c in extra_chunks:
-                extra_chunks[c].append(batch.column(c))
-            row += n
+        mat = list_to_matrix(batch.column("feature"), "feature", str(f))
+        if dim is None:
+            dim = mat.shape[1]
+        if mat.shape[1] != dim:
+            raise PoolError(f"{f}: feature length {mat.shape[1]} differs from {dim}")
+        if features is None:
+            features = np.empty((total, dim), dtype=dtype)
+        bad = ~np.isfinite(mat).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise PoolError(f"{f}: NaN or Inf in 'feature' of id '{ids[i].as_py()}'")
+        features[row : row + n] = mat
+        if unc is not None and unc_col is not None:
+            col = batch.column(unc_col)
+            if col.null_count:
+                i = int(np.flatnonzero(np.asarray(col.is_null()))[0])
+                raise PoolError(f"{f}: null '{unc_col}' for id '{ids[i].as_py()}'")
+            values = col.to_numpy(zero_copy_only=False).astype(np.float64)
+            if not np.isfinite(values).all():
+                i = int(np.flatnonzero(~np.isfinite(values))[0])
+                raise PoolError(f"{f}: NaN or Inf in '{unc_col}' of id '{ids[i].as_py()}'")
+            check_uncertainty_values(values, unc_col, where_row)
+            unc[row : row + n] = values
+        if need_probs:
+            p = list_to_matrix(batch.column("probs"), "probs", f"{f}, rows {row}-{row + n - 1}")
+            p = p.astype(np.float32)
+            if not np.isfinite(p).all():
+                raise PoolError(f"{f}: NaN or Inf in 'probs'")
+            if probs is None:
+                probs = np.empty((total, p.shape[1]), dtype=np.float32)
+            if p.shape[1] != probs.shape[1]:
+                raise PoolError(f"{f}: probs length {p.shape[1]} differs from {probs.shape[1]}")
+            probs[row : row + n] = p
+        for c in extra_chunks:
+            extra_chunks[c].append(batch.column(c))
+        row += n
 
     assert features is not None
     pa.default_memory_pool().release_unused()
