@@ -27,3 +27,11 @@ class ResourceError(UweError):
 
 class OutputError(UweError):
     """An output path that cannot or must not be written (an input, a directory, a full disk)."""
+
+
+class BatchError(UweError):
+    """A batch file that cannot be read, or that does not belong to the pool it is paired with."""
+
+
+class ExportError(UweError):
+    """An export or report request the pool cannot satisfy (no boxes, a class without a name)."""
