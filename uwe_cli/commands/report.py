@@ -13,7 +13,6 @@ from uwe_cli.commands._common import (
     refuse_two_stdout_outputs,
     show_progress,
     stderr,
-    warn,
 )
 
 
@@ -77,8 +76,10 @@ def report(
         )
         with progress_callback("thumbnails", show_progress(quiet), rate_unit="images") as progress:
             summary = run_report(batch, pool, target, opts, progress)
-    for note in summary.pop("notes"):
-        warn(note)
+    notes = summary.pop("notes")
+    if not quiet:
+        for note in notes:
+            stderr.print(f"note: {note}", soft_wrap=True, markup=False)
     if json_summary:
         emit_json(summary)
     if not quiet:
