@@ -245,13 +245,14 @@ if __name__ == "__main__":
 
     if len(sys.argv) != 3:
         sys.exit(
-            "usage: browser.py PAGE.html OUT_PREFIX   (writes OUT_PREFIX-top.png and OUT_PREFIX-grid.png)"
+            "usage: browser.py PAGE.html OUT_PREFIX   (writes OUT_PREFIX-top/-grid/-uncertainty.png)"
         )
     with Browser(1280, 1100) as browser:
         page = browser.open(sys.argv[1])
         page.screenshot(f"{sys.argv[2]}-top.png")
         page.js("window.scrollTo(0, 0)")
         page.screenshot(f"{sys.argv[2]}-grid.png", ".grid")
+        page.screenshot(f"{sys.argv[2]}-uncertainty.png", "#uncertainty")
         problems = page.errors()
     print("\n".join(problems) if problems else f"no console errors; screenshots {sys.argv[2]}-*.png")
     sys.exit(1 if problems else 0)

@@ -238,9 +238,11 @@ def card(picks: Picks, pick: Pick, thumb: Thumb) -> str:
         x, y, w, h = pick.region
         lines.append(f'<span class="nums">region {x},{y} {w}×{h} of {esc(pick.image_id)}</span>')
     alt = esc(f"#{pick.rank} {pick.id}")
+    # Tiny images (icons, digits) are shown enlarged: keep their pixels sharp instead of blurring them.
+    pixelated = ' style="image-rendering: pixelated"' if thumb.width < 96 else ""
     return (
         f'<figure class="card" id="pick-{pick.rank}"><div class="frame">'
-        f'<img class="thumb" src="data:image/jpeg;base64,{thumb.data}" width="{thumb.width}" '
+        f'<img class="thumb" src="data:image/jpeg;base64,{thumb.data}" width="{thumb.width}"{pixelated} '
         f'height="{thumb.height}" alt="{alt}">{heat}{svg}</div>'
         f"<figcaption>{'<br>'.join(lines)}</figcaption></figure>"
     )
@@ -302,14 +304,14 @@ def write_page(data: ReportData, stream: IO[str]) -> int:
         f'{_kv_table(data.settings)}</div><div class="panel"><h2>Pool</h2>'
         f"{_kv_table({'files': ', '.join(str(f) for f in picks.source.files[:5]), 'rows': picks.source.rows, **data.metadata})}"
         "</div></section>"
-        f'<section><div class="panel"><h2>Map of the pool ({esc(data.map_method.upper())} of the embeddings)</h2>'
+        f'<section id="pool-map"><div class="panel"><h2>Map of the pool ({esc(data.map_method.upper())} of the embeddings)</h2>'
         '<p class="legend">'
         f'<span><i style="background:{MAP_COLOURS["remaining"]}"></i>remaining {counts[0]:,}</span>'
         f'<span><i style="background:{MAP_COLOURS["labeled"]}"></i>labeled {counts[1]:,}</span>'
         f'<span><i style="background:{MAP_COLOURS["picked"]}"></i>picked {counts[2]:,}</span>'
         '<span class="sub">hover for IDs, click a picked point to jump to it</span></p>'
         '<canvas id="map"></canvas></div></section>'
-        f'<section><div class="panel"><h2>Uncertainty</h2><p class="sub">{esc(data.uncertainty_label)}</p>'
+        f'<section id="uncertainty"><div class="panel"><h2>Uncertainty</h2><p class="sub">{esc(data.uncertainty_label)}</p>'
         f"{_histograms(data)}</div></section>"
         f'<section><h2>Batch in pick order</h2><p class="sub">{heat_toggle}</p><div class="grid">'
     )
