@@ -244,9 +244,7 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 3:
-        sys.exit(
-            "usage: browser.py PAGE.html OUT_PREFIX   (writes OUT_PREFIX-top/-grid/-uncertainty.png)"
-        )
+        sys.exit("usage: browser.py PAGE.html OUT_PREFIX   (writes OUT_PREFIX-top/-grid/-uncertainty.png)")
     with Browser(1280, 1100) as browser:
         page = browser.open(sys.argv[1])
         page.screenshot(f"{sys.argv[2]}-top.png")
