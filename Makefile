@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.uwe-installed
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo bench lint clean ls-venv ls-template chromium integrations
 
 venv: $(STAMP)
 
@@ -14,8 +14,35 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP) integrations
+	UWE_REQUIRE_INTEGRATIONS=1 UWE_LS_VENV=$(CURDIR)/$(LS_VENV) UWE_LS_TEMPLATE=$(CURDIR)/$(LS_TEMPLATE) \
+		$(PY) -m pytest -q
+
+# Real programs the integration tests drive: a Label Studio server (own venv, migrated data-dir
+# template cached beside it) and headless Chromium (Debian package; installed when missing, as root).
+LS_VENV := .venv-ls
+LS_TEMPLATE := .ls-template
+LS_STAMP := $(LS_VENV)/.uwe-installed
+LS_REQS := tests/integrations/label-studio-requirements.txt tests/integrations/label-studio-constraints.txt
+
+integrations: ls-template chromium
+
+ls-venv: $(LS_STAMP)
+
+$(LS_STAMP): $(LS_REQS)
+	rm -rf $(LS_VENV) $(LS_TEMPLATE)
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet --disable-pip-version-check \
+		-r tests/integrations/label-studio-requirements.txt -c tests/integrations/label-studio-constraints.txt
+	touch $(LS_STAMP)
+
+ls-template: $(LS_TEMPLATE)/uwe-ls-credentials.json
+
+$(LS_TEMPLATE)/uwe-ls-credentials.json: $(LS_STAMP)
+	$(PYTHON) tests/integrations/ls_server.py init $(LS_VENV) $(LS_TEMPLATE)
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check uwe_cli tests benchmarks examples
@@ -28,4 +55,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf demo-out bench-out
+	rm -rf demo-out bench-out $(LS_TEMPLATE)

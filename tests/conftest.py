@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,14 @@ def assert_one_line_error(result, needle: str, *absent: Path) -> None:
 def leftovers(folder: Path) -> list[Path]:
     """Temporary or work files an interrupted or refused run might leave (hidden files and folders)."""
     return [p for p in folder.rglob(".*")]
+
+
+def missing_integration(message: str) -> None:
+    """A real external program (Label Studio, Chromium) is missing: skip, or fail where integrations are
+    required (`make test` sets UWE_REQUIRE_INTEGRATIONS=1, so CI never skips them)."""
+    if os.environ.get("UWE_REQUIRE_INTEGRATIONS") == "1":
+        pytest.fail(f"{message} (UWE_REQUIRE_INTEGRATIONS=1)")
+    pytest.skip(message)
 
 
 from s3_server import s3_bucket, s3_server  # noqa: E402, F401 - session fixtures (real S3 server)

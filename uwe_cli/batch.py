@@ -1,12 +1,18 @@
-"""The batch file: `rank,id,uncertainty,distance` (+ `source` and region columns), written atomically."""
+"""The batch file: `rank,id,uncertainty,distance` (+ `source` and region columns), written atomically and read back."""
 
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
+from uwe_cli.errors import BatchError
 from uwe_cli.outputs import Output, open_output
+
+# The csv module refuses fields above 128 KiB by default; IDs have no length limit.
+csv.field_size_limit(2**31 - 1)
 
 
 @dataclass
@@ -15,6 +21,7 @@ class Batch:
     uncertainty: list[float | None]
     distance: list[float | None]
     extra: dict[str, list] = field(default_factory=dict)
+    ranks: list[int] | None = None  # as read from a batch file; None means 1..n
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -22,6 +29,9 @@ class Batch:
     @property
     def columns(self) -> list[str]:
         return ["rank", "id", "uncertainty", "distance", *self.extra]
+
+
+_CORE_COLUMNS = ("rank", "id", "uncertainty", "distance")
 
 
 def _fmt(value: object) -> str:
@@ -46,3 +56,68 @@ def write_batch(batch: Batch, out: Output) -> None:
     """Write the batch CSV to a checked output: atomically for a file, streamed for stdout or a pipe."""
     with open_output(out) as fh:
         render_batch(batch, fh)
+
+
+def _float_or_none(text: str, column: str, where: str) -> float | None:
+    if text.strip() == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise BatchError(f"{where}: '{column}' is not a number ({text[:40]!r})") from None
+
+
+def read_batch(path: str | Path) -> Batch:
+    """A batch CSV as `uwe select` writes it, in file order (the pick order).
+
+    Only `id` is required (a list of IDs with a CSV header works); `rank` defaults to the line
+    number, `uncertainty` and `distance` to empty. IDs are parsed as CSV, so quoted commas and
+    quotes round-trip. Empty files, duplicate IDs and unreadable numbers are BatchErrors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BatchError(f"batch file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise BatchError(f"batch file is not UTF-8 text: {path}") from None
+    except OSError as exc:
+        raise BatchError(f"batch file {path} cannot be read: {exc.strerror}") from None
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise BatchError(f"batch file {path}: not a readable CSV file ({exc})") from None
+    rows = [row for row in rows if row]
+    if not rows or "id" not in rows[0]:
+        raise BatchError(
+            f"batch file {path}: no 'id' column in the header (expected rank,id,uncertainty,...)"
+        )
+    header = rows[0]
+    col = {name: i for i, name in enumerate(header)}
+    batch = Batch([], [], [], {name: [] for name in header if name not in _CORE_COLUMNS})
+    ranks: list[int] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        where = f"batch file {path}, line {line}"
+        if len(row) != len(header):
+            raise BatchError(f"{where}: {len(row)} fields, the header has {len(header)}")
+        unit_id = row[col["id"]]
+        if unit_id in seen:
+            raise BatchError(f"{where}: id '{unit_id}' appears twice (first on line {seen[unit_id]})")
+        seen[unit_id] = line
+        if "rank" in col:
+            try:
+                ranks.append(int(row[col["rank"]]))
+            except ValueError:
+                raise BatchError(f"{where}: 'rank' is not an integer ({row[col['rank']][:40]!r})") from None
+        else:
+            ranks.append(line - 1)
+        batch.ids.append(unit_id)
+        for name, values in (("uncertainty", batch.uncertainty), ("distance", batch.distance)):
+            values.append(_float_or_none(row[col[name]], name, where) if name in col else None)
+        for name, values in batch.extra.items():
+            values.append(row[col[name]])
+    if not batch.ids:
+        raise BatchError(f"batch file {path} has no rows")
+    batch.ranks = ranks
+    return batch

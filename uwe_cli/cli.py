@@ -10,8 +10,10 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
 from uwe_cli import __version__
+from uwe_cli.commands import export as export_cmd
 from uwe_cli.commands import extract as extract_cmd
 from uwe_cli.commands import inspect as inspect_cmd
+from uwe_cli.commands import report as report_cmd
 from uwe_cli.commands import select as select_cmd
 from uwe_cli.commands._common import fail
 
@@ -63,6 +65,8 @@ app.add_typer(extract_app, name="extract")
 
 app.command("select")(select_cmd.select)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("export")(export_cmd.export)
+app.command("report")(report_cmd.report)
 extract_app.command("classification")(extract_cmd.classification)
 extract_app.command("segmentation")(extract_cmd.segmentation)
 extract_app.command("detection")(extract_cmd.detection)

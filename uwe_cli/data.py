@@ -7,6 +7,7 @@ sorted order so that shards and resumed runs see the same sequence.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -215,8 +216,14 @@ def shard_items(items: Sequence[ImageItem], shard: tuple[int, int] | None) -> li
     return list(items[math.floor(k * size / n) : math.floor((k + 1) * size / n)])
 
 
-def load_image(path: str | Path) -> Any:
-    """Open an image fully and convert it to RGB; DataError naming the file if it cannot be decoded."""
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError)
+
+
+@contextlib.contextmanager
+def open_image_file(path: str | Path) -> Iterator[Any]:
+    """The one place an image file is opened (PIL, lazily decoded): every reader goes through here,
+    so routing remote references elsewhere is a change in one function. DataError naming the file
+    if it is missing, unreadable, not an image, or a decompression bomb."""
     from PIL import Image, ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -225,24 +232,52 @@ def load_image(path: str | Path) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
-                img.load()
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                    # Composite on white so transparent pixels do not turn into arbitrary colours.
-                    rgba = img.convert("RGBA")
-                    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    return Image.alpha_composite(background, rgba).convert("RGB")
-                return img.convert("RGB")
+                yield img
     except StorageError as exc:
         raise DataError(f"cannot read image {exc}") from None
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
+    except (*_DECODE_ERRORS, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"cannot read image {path}: {reason}") from None
+
+
+def _to_rgb(img: Any) -> Any:
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white so transparent pixels do not turn into arbitrary colours.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Any:
+    """Open an image fully and convert it to RGB; DataError naming the file if it cannot be decoded."""
+    with open_image_file(path) as img:
+        img.load()
+        return _to_rgb(img)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the stored pixels, from the header only (no EXIF rotation, as the models see it)."""
+    with open_image_file(path) as img:
+        return int(img.width), int(img.height)
+
+
+def load_thumbnail(path: str | Path, max_side: int) -> tuple[Any, tuple[int, int]]:
+    """An RGB image fitting in max_side × max_side and the (width, height) of the full image.
+
+    JPEGs are decoded at a reduced scale (`draft`), so a thumbnail costs a fraction of a full decode.
+    """
+    from PIL import Image
+
+    with open_image_file(path) as img:
+        size = (int(img.width), int(img.height))
+        img.draft("RGB", (max_side, max_side))
+        img.load()
+        rgb = _to_rgb(img)
+    rgb.thumbnail((max_side, max_side), Image.BILINEAR, reducing_gap=2.0)
+    return rgb, size
 
 
 def _check_preprocess(

@@ -31,3 +31,11 @@ class OutputError(UweError):
 
 class StorageError(UweError):
     """A remote location that cannot be used (missing bucket or key, credentials, endpoint, package)."""
+
+
+class BatchError(UweError):
+    """A batch file that cannot be read, or that does not belong to the pool it is paired with."""
+
+
+class ExportError(UweError):
+    """An export or report request the pool cannot satisfy (no boxes, a class without a name)."""

@@ -1,0 +1,89 @@
+"""`uwe report BATCH --pool POOL --out report.html`: one self-contained page showing the batch and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from uwe_cli.commands._common import (
+    cli_errors,
+    emit_json,
+    progress_callback,
+    refuse_two_stdout_outputs,
+    show_progress,
+    stderr,
+)
+
+
+def report(
+    batch: Path = typer.Argument(..., help="Batch CSV written by `uwe select`."),
+    pool: list[Path] = typer.Option(..., "--pool", "-p", help="The pool the batch was selected from."),
+    out: str = typer.Option(..., "--out", "-o", help="HTML file to write ('-' for stdout)."),
+    labeled: Path | None = typer.Option(None, help="Labeled IDs (as given to `uwe select --labeled`)."),
+    settings: Path | None = typer.Option(
+        None, help="The JSON line of `uwe select --json`: shown, and its tau/uncertainty/... used."
+    ),
+    uncertainty: str | None = typer.Option(None, help="Uncertainty column (default: as select: auto)."),
+    tau: float | None = typer.Option(None, help="Power on the uncertainty for the map (default 1)."),
+    normalize: str | None = typer.Option(None, help="minmax | none (default minmax)."),
+    aggregate: str | None = typer.Option(None, help="Detection pools: max | mean (default max)."),
+    heatmaps: Path | None = typer.Option(
+        None, help="Folder of `uwe extract segmentation --heatmaps`: drawn over the thumbnails."
+    ),
+    images: Path | None = typer.Option(
+        None, help="Read images from DIR/<image ID> instead of the pool's source paths."
+    ),
+    class_names: str | None = typer.Option(
+        None, help="Class names in label order: a file (one per line) or 'a,b,c'. Default: the pool's."
+    ),
+    map_method: str = typer.Option(
+        "pca", "--map", help="pca | umap (UMAP needs umap-learn: pip install 'uwe-cli[umap]')."
+    ),
+    max_points: int = typer.Option(20_000, help="Points on the map (every picked and labeled unit is kept)."),
+    thumb_size: int = typer.Option(224, help="Longest side of the embedded thumbnails, in pixels."),
+    quality: int = typer.Option(80, min=10, max=95, help="JPEG quality of the thumbnails."),
+    title: str | None = typer.Option(None, help="Page title (default: the batch file name)."),
+    seed: int = typer.Option(0, help="Seed of the map subsample and projection."),
+    json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+) -> None:
+    """Write a self-contained HTML report: thumbnails in pick order, map, histograms, settings."""
+    from uwe_cli.outputs import resolve_output
+    from uwe_cli.picks import parse_class_names
+    from uwe_cli.report import ReportOptions, run_report
+
+    refuse_two_stdout_outputs(out, json_summary)
+    with cli_errors():
+        inputs = [batch, *pool, *(p for p in (labeled, settings, heatmaps, images) if p is not None)]
+        target = resolve_output(out, "--out", inputs=inputs)
+        opts = ReportOptions(
+            labeled=labeled,
+            heatmaps=heatmaps,
+            images=images,
+            settings=settings,
+            uncertainty=uncertainty,
+            tau=tau,
+            normalize=normalize,
+            aggregate=aggregate,
+            map=map_method,
+            max_points=max_points,
+            thumb_size=thumb_size,
+            quality=quality,
+            seed=seed,
+            title=title,
+            class_names=parse_class_names(class_names),
+        )
+        with progress_callback("thumbnails", show_progress(quiet), rate_unit="images") as progress:
+            summary = run_report(batch, pool, target, opts, progress)
+    notes = summary.pop("notes")
+    if not quiet:
+        for note in notes:
+            stderr.print(f"note: {note}", soft_wrap=True, markup=False)
+    if json_summary:
+        emit_json(summary)
+    if not quiet:
+        stderr.print(
+            f"uwe report: {summary['picks']} picks, map of {summary['map_points']:,} of {summary['pool_size']:,} "
+            f"units → {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB) · {summary['seconds']:.2f} s"
+        )
