@@ -544,3 +544,21 @@ def test_run_select_on_detection_pools_honours_memory_and_device(tmp_path, monke
     assert used == ["cpu"]
     assert torch_run.batch.ids == numba.batch.ids
     np.testing.assert_allclose(torch_run.batch.distance, numba.batch.distance, rtol=1e-12)
+
+
+def test_appended_centres_give_the_same_distances_as_the_originals(tmp_path):
+    """A shard that receives another shard's image as blocks must measure exactly what the owner would."""
+    from uwe_cli.selection.classwise import ClasswiseTracker
+
+    rng = np.random.default_rng(12)
+    rows = random_rows(rng, 40, 4, 6)
+    pool = read_detection_pool(write_pool(tmp_path / "p.parquet", rows, 6, num_classes=4))
+    for aggregate in ("max", "mean"):
+        emb = build_classwise(pool, aggregate=aggregate)
+        cand = np.arange(20)
+        direct = ClasswiseTracker(emb, cand, 30)
+        other = ClasswiseTracker(build_classwise(pool, aggregate=aggregate), cand, 30)
+        for image in (25, 31, 38, 22):
+            direct.add(image)
+            other.add(other.append_image(*direct.blocks(image)))
+            np.testing.assert_array_equal(other.distances(), direct.distances())

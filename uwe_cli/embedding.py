@@ -30,8 +30,25 @@ def check_selection_options(tau: float, normalize: str, aggregate: str = "max") 
         raise SelectionError(f"unknown --aggregate '{aggregate}' (choose from {', '.join(AGGREGATES)})")
 
 
-def normalize_uncertainty(u: np.ndarray, in_play: np.ndarray | None, method: str) -> np.ndarray:
-    """Min–max normalise u over the rows in play (labeled + candidates).
+def minmax_bounds(values: np.ndarray) -> tuple[float, float] | None:
+    """(min, max) of the values in play, None when there are none: what normalisation needs, and what
+    shards of a distributed pool reduce to the same global bounds."""
+    return (float(values.min()), float(values.max())) if values.size else None
+
+
+def apply_minmax(u: np.ndarray, bounds: tuple[float, float] | None) -> np.ndarray:
+    """(u − min) / (max − min), clipped at 0; all 1 when the bounds are equal or absent."""
+    u = np.asarray(u, dtype=np.float64)
+    if bounds is None or bounds[0] == bounds[1]:
+        return np.ones_like(u)
+    lo, hi = bounds
+    return np.clip((u - lo) / (hi - lo), 0.0, None)
+
+
+def normalize_uncertainty(
+    u: np.ndarray, in_play: np.ndarray | None, method: str, bounds: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Min–max normalise u over the rows in play (labeled + candidates), or with given global `bounds`.
 
     All-equal uncertainty normalises to 1 everywhere, so UWE degrades to CoreSet instead of to zeros.
     Rows not in play are normalised with the same bounds (their values are not used).
@@ -40,13 +57,9 @@ def normalize_uncertainty(u: np.ndarray, in_play: np.ndarray | None, method: str
     check_selection_options(0.0, method)
     if method == "none":
         return u.copy()
-    ref = u if in_play is None else u[in_play]
-    if ref.size == 0:
-        return np.ones_like(u)
-    lo, hi = float(ref.min()), float(ref.max())
-    if hi == lo:
-        return np.ones_like(u)
-    return np.clip((u - lo) / (hi - lo), 0.0, None)
+    if bounds is None:
+        bounds = minmax_bounds(u if in_play is None else u[in_play])
+    return apply_minmax(u, bounds)
 
 
 def uwe_weights(u_norm: np.ndarray, tau: float) -> np.ndarray:
@@ -62,10 +75,13 @@ def underflow_warning(u_norm: np.ndarray, weights: np.ndarray, tau: float, what:
 
     With a very large tau every weight but the largest underflows, and KCG degrades to pool order.
     """
-    lost = int(np.count_nonzero((u_norm > 0) & (weights == 0)))
+    return underflow_message(int(np.count_nonzero((u_norm > 0) & (weights == 0))), u_norm.size, tau, what)
+
+
+def underflow_message(lost: int, total: int, tau: float, what: str = "units") -> str | None:
     if not lost:
         return None
     return (
-        f"--tau {tau:g}: u^tau underflows to 0 for {lost:,} of {u_norm.size:,} {what} with u > 0, "
+        f"--tau {tau:g}: u^tau underflows to 0 for {lost:,} of {total:,} {what} with u > 0, "
         "so they tie at the origin and are picked in pool order; use a smaller --tau"
     )

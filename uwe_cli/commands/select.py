@@ -10,6 +10,7 @@ from uwe_cli.commands._common import (
     StorageOption,
     apply_storage_options,
     cli_errors,
+    fail,
     progress_callback,
     refuse_two_stdout_outputs,
     show_progress,
@@ -46,6 +47,13 @@ def select(
     json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress on stderr."),
     storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
+    ray: bool = typer.Option(
+        False, "--ray", help="Run on a Ray cluster: the pool spread over --workers actors."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local instance)."
+    ),
+    workers: int = typer.Option(2, "--workers", help="With --ray: actors holding a share of the pool each."),
 ) -> None:
     """Choose the next batch to label from a pool of per-sample uncertainty and features."""
     from uwe_cli.batch import write_batch
@@ -58,22 +66,28 @@ def select(
         inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
         target = resolve_output(out, "--out", inputs=inputs)
         limit = parse_memory(max_memory) if max_memory else None
+        common = {
+            "strategy": strategy,
+            "uncertainty": uncertainty,
+            "tau": tau,
+            "normalize": normalize,
+            "labeled": labeled,
+            "exclude": exclude,
+            "aggregate": aggregate,
+            "seed": seed,
+            "max_memory": limit,
+        }
         with progress_callback("selecting", show_progress(quiet)) as progress:
-            result = run_select(
-                pools,
-                budget,
-                strategy=strategy,
-                uncertainty=uncertainty,
-                tau=tau,
-                normalize=normalize,
-                labeled=labeled,
-                exclude=exclude,
-                aggregate=aggregate,
-                seed=seed,
-                device=device,
-                max_memory=limit,
-                progress=progress,
-            )
+            if ray:
+                from uwe_cli.cluster.select import run_select_ray
+
+                if device == "cuda":
+                    raise fail("--ray runs the CPU engine on every worker; drop --device cuda")
+                result = run_select_ray(
+                    pools, budget, **common, workers=workers, address=ray_address, progress=progress
+                )
+            else:
+                result = run_select(pools, budget, **common, device=device, progress=progress)
         for message in result.warnings:
             warn(message)
         write_batch(result.batch, target)

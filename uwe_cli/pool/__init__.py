@@ -116,12 +116,16 @@ class PoolSource:
         return self.rows * per_row
 
     def read(
-        self, uncertainty: str | None = None, need_uncertainty: bool = True, need_probs: bool = False
+        self,
+        uncertainty: str | None = None,
+        need_uncertainty: bool = True,
+        need_probs: bool = False,
+        spare_rows: int = 0,
     ) -> UnitPool | DetectionPool:
         """Load the pool; detection pools always read their per-box uncertainty (it builds the embedding)."""
         if self.kind == "detection":
             return load_detection_pool(self, uncertainty)
-        return load_unit_pool(self, uncertainty, need_uncertainty=need_uncertainty, need_probs=need_probs)
+        return load_unit_pool(self, uncertainty, need_uncertainty, need_probs, spare_rows=spare_rows)
 
 
 def _kind(names: list[str], meta: dict[str, Any]) -> str:

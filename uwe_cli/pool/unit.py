@@ -62,8 +62,13 @@ def load_unit_pool(
     need_uncertainty: bool = True,
     need_probs: bool = False,
     dtype: str = "float32",
+    spare_rows: int = 0,
 ) -> UnitPool:
-    """Load and validate a unit pool; PoolError naming the file, column and ID of the first problem."""
+    """Load and validate a unit pool; PoolError naming the file, column and ID of the first problem.
+
+    `spare_rows` leaves that many zero rows after the pool's in `features` (and `probs`): room for
+    centres a distributed worker receives from the others.
+    """
     unc_col: str | None = None
     present_extra: list[str] | None = None
     for f, pf in zip(source.files, source.parquet, strict=True):
@@ -108,7 +113,7 @@ def load_unit_pool(
         if mat.shape[1] != dim:
             raise PoolError(f"{f}: feature length {mat.shape[1]} differs from {dim}")
         if features is None:
-            features = np.empty((total, dim), dtype=dtype)
+            features = np.empty((total + spare_rows, dim), dtype=dtype)
         bad = ~np.isfinite(mat).all(axis=1)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -131,7 +136,7 @@ def load_unit_pool(
             if not np.isfinite(p).all():
                 raise PoolError(f"{f}: NaN or Inf in 'probs'")
             if probs is None:
-                probs = np.empty((total, p.shape[1]), dtype=np.float32)
+                probs = np.empty((total + spare_rows, p.shape[1]), dtype=np.float32)
             if p.shape[1] != probs.shape[1]:
                 raise PoolError(f"{f}: probs length {p.shape[1]} differs from {probs.shape[1]}")
             probs[row : row + n] = p
@@ -140,6 +145,9 @@ def load_unit_pool(
         row += n
 
     assert features is not None
+    features[total:] = 0
+    if probs is not None:
+        probs[total:] = 0
     pa.default_memory_pool().release_unused()
     ids_all = pa.concat_arrays(id_chunks) if len(id_chunks) > 1 else id_chunks[0]
     check_unique_ids(ids_all, "pool")

@@ -24,6 +24,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -122,19 +123,28 @@ def _block_norm2(features, means, block_src, block_row, block_scale, out):  # pr
 
 
 def box_weights(
-    pool: DetectionPool, in_play: np.ndarray, normalize: str, tau: float
+    pool: DetectionPool,
+    in_play: np.ndarray,
+    normalize: str,
+    tau: float,
+    bounds: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(boxes of the images in play in row order, their normalised u, u^tau): u is normalised over
-    exactly these boxes, so it must be known before aggregating."""
+    exactly these boxes (or with the given global `bounds`), so it must be known before aggregating."""
     boxes = np.flatnonzero(in_play[pool.box_image])
-    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize)
+    u_norm = normalize_uncertainty(pool.box_uncertainty[boxes], None, normalize, bounds)
     return boxes, u_norm, uwe_weights(u_norm, float(tau))
 
 
-def image_uncertainty(pool: DetectionPool, in_play: np.ndarray, normalize: str = "minmax") -> np.ndarray:
+def image_uncertainty(
+    pool: DetectionPool,
+    in_play: np.ndarray,
+    normalize: str = "minmax",
+    bounds: tuple[float, float] | None = None,
+) -> np.ndarray:
     """The batch file's per-image uncertainty: the largest normalised u of its boxes (0 without boxes,
     NaN out of play)."""
-    boxes, u_norm, _ = box_weights(pool, in_play, normalize, 0.0)
+    boxes, u_norm, _ = box_weights(pool, in_play, normalize, 0.0, bounds)
     out = np.where(in_play, 0.0, np.nan)
     np.maximum.at(out, pool.box_image[boxes], u_norm)
     return out
@@ -146,6 +156,8 @@ def build_classwise(
     tau: float = 1.0,
     normalize: str = "minmax",
     aggregate: str = "max",
+    bounds: tuple[float, float] | None = None,
+    spare_images: int = 0,
 ) -> ClasswiseEmbedding:
     """Image embeddings u^tau·f aggregated per class, for the images in play (labeled + candidates).
 
@@ -159,7 +171,9 @@ def build_classwise(
     if in_play.shape != (n,):
         raise SelectionError(f"in_play mask has shape {in_play.shape}, expected ({n},)")
 
-    boxes, u_norm, scale = box_weights(pool, in_play, normalize, tau)  # tau = 0 is CoreSet on features
+    boxes, u_norm, scale = box_weights(
+        pool, in_play, normalize, tau, bounds
+    )  # tau = 0 is CoreSet on features
     image = pool.box_image[boxes]
     label = pool.box_label[boxes].astype(np.int64)
 
@@ -217,7 +231,7 @@ def build_classwise(
         features=pool.box_features,
         means=means,
         in_play=in_play,
-        image_uncertainty=image_uncertainty(pool, in_play, normalize),
+        image_uncertainty=image_uncertainty(pool, in_play, normalize, bounds),
         tau=float(tau),
         normalize=normalize,
         aggregate=aggregate,
@@ -533,6 +547,19 @@ def check_image_indices(values: np.ndarray, emb: ClasswiseEmbedding, what: str) 
     return values
 
 
+def _grow(array: np.ndarray, extra: Any) -> np.ndarray:
+    """`array` with `extra` appended along axis 0, reusing spare capacity of its base buffer (doubling)."""
+    extra = np.asarray(extra, dtype=array.dtype).reshape((-1, *array.shape[1:]))
+    n, m = len(array), len(extra)
+    base = array.base if isinstance(array.base, np.ndarray) and array.base.ndim == array.ndim else None
+    prefix = base is not None and base.ctypes.data == array.ctypes.data and base.flags.c_contiguous
+    if base is None or not prefix or len(base) < n + m:
+        base = np.empty((max(2 * (n + m), 16), *array.shape[1:]), dtype=array.dtype)
+        base[:n] = array
+    base[n : n + m] = extra
+    return base[: n + m]
+
+
 class ClasswiseTracker(Tracker):
     """Exact nearest-centre distances over class-wise image embeddings (positions index `candidates`).
 
@@ -556,6 +583,22 @@ class ClasswiseTracker(Tracker):
         self.emb = emb
         self.candidates = cand
         self.prune = prune
+        self._refresh()
+        m = len(cand)
+        size = max(capacity, 1)
+        self.active = np.ones(m, dtype=bool)
+        self.min_d2 = np.full(m, np.inf)
+        self.nearest = np.full(m, -1, dtype=np.int64)
+        self.centre_image = np.empty(size, dtype=np.int64)
+        self.needed = np.zeros(size, dtype=bool)
+        self.centre_dist = np.zeros(size, dtype=np.float64)
+        self.k = 0
+        self.taken = 0
+        self.threads = 1 if m < _PARALLEL_MIN_CANDIDATES else numba.get_num_threads()
+        self.stats = TrackerStats()
+
+    def _refresh(self) -> None:
+        emb = self.emb
         self.csr = (
             emb.offsets,
             emb.block_class,
@@ -569,18 +612,53 @@ class ClasswiseTracker(Tracker):
             emb.image_norm2,
         )
         self.image_norm = np.sqrt(emb.image_norm2)
-        m = len(cand)
-        size = max(capacity, 1)
-        self.active = np.ones(m, dtype=bool)
-        self.min_d2 = np.full(m, np.inf)
-        self.nearest = np.full(m, -1, dtype=np.int64)
-        self.centre_image = np.empty(size, dtype=np.int64)
-        self.needed = np.zeros(size, dtype=bool)
-        self.centre_dist = np.zeros(size, dtype=np.float64)
-        self.k = 0
-        self.taken = 0
-        self.threads = 1 if m < _PARALLEL_MIN_CANDIDATES else numba.get_num_threads()
-        self.stats = TrackerStats()
+
+    def blocks(self, image: int) -> tuple[np.ndarray, np.ndarray]:
+        """(classes, float64 block vectors) of an image: what another shard needs to use it as a centre."""
+        emb = self.emb
+        start, stop = int(emb.offsets[image]), int(emb.offsets[image + 1])
+        vectors = np.empty((stop - start, emb.dim), dtype=np.float64)
+        for j, b in enumerate(range(start, stop)):
+            if emb.block_src[b] == SRC_FEATURE:
+                vectors[j] = emb.block_scale[b] * emb.features[emb.block_row[b]].astype(np.float64)
+            else:
+                vectors[j] = emb.means[emb.block_row[b]]
+        return emb.block_class[start:stop].copy(), vectors
+
+    def append_image(self, classes: np.ndarray, vectors: np.ndarray) -> int:
+        """Add an image given by its blocks (from `blocks` on another shard) and return its index.
+
+        The blocks are stored as float64 rows whose values equal scale·feature exactly, and norms are
+        summed in the same order, so distances to it equal those to the original image bit for bit.
+        Arrays grow by doubling, so appending a centre per pick stays cheap.
+        """
+        emb = self.emb
+        vectors = np.ascontiguousarray(vectors, dtype=np.float64).reshape(len(classes), emb.dim)
+        nb = len(classes)
+        norm2 = np.empty(nb, dtype=np.float64)
+        _block_norm2(emb.features, vectors, np.ones(nb, np.int8), np.arange(nb), np.ones(nb), norm2)
+        total = 0.0
+        for v in norm2:  # the order np.add.at uses when the embedding is built
+            total += v
+        mask = np.zeros((1, emb.class_mask.shape[1]), dtype=np.uint64)
+        for c in classes:
+            mask[0, int(c) // 64] |= np.uint64(1) << np.uint64(int(c) % 64)
+        first_mean = len(emb.means)
+        grow = _grow
+        emb.offsets = grow(emb.offsets, [emb.offsets[-1] + nb])
+        emb.block_class = grow(emb.block_class, np.asarray(classes, dtype=np.int32))
+        emb.block_src = grow(emb.block_src, np.full(nb, SRC_MEAN, dtype=np.int8))
+        emb.block_row = grow(emb.block_row, np.arange(first_mean, first_mean + nb, dtype=np.int64))
+        emb.block_scale = grow(emb.block_scale, np.ones(nb))
+        emb.block_norm2 = grow(emb.block_norm2, norm2)
+        emb.means = grow(emb.means, vectors)
+        emb.image_norm2 = grow(emb.image_norm2, [total])
+        emb.class_mask = grow(emb.class_mask, mask)
+        emb.in_play = grow(emb.in_play, [True])
+        emb.image_uncertainty = grow(emb.image_uncertainty, [0.0])
+        emb.num_images += 1
+        self._refresh()
+        return emb.num_images - 1
 
     def init_centres(self, rows: np.ndarray) -> None:
         centres = check_image_indices(rows, self.emb, "labeled images")
