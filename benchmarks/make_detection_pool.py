@@ -1,4 +1,4 @@
-"""Write a synthetic detection pool (DESIGN.md schema) for benchmarks: clustered box features.
+"""Write a synthetic detection pool (docs/schema.md) for benchmarks: clustered box features.
 
 Images are written in chunks through one ParquetWriter, so generating 100,000 images × 1,024-d
 needs memory for one chunk only. Box features are `cluster centre + noise`, the class of a box is

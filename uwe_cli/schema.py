@@ -112,45 +112,83 @@ class Column:
 
 
 UNIT_COLUMNS = (
-    Column("id", "string", "yes", "unique unit ID; the value annotators receive"),
+    Column(
+        "id",
+        "string",
+        "yes",
+        "unique unit ID, the value annotators receive: the image ID, or `<image_id>@x,y,WxH` for a region",
+    ),
     Column(
         "feature",
         "fixed_size_list<float32>[d]",
         "yes",
-        "f(x): penultimate-layer feature (mean over pixels for segmentation); list<float32> of constant "
-        "length and float16/float64 values are read too",
+        "f(x): the input of the classifier layer (mean over the unit's pixels for segmentation); "
+        "list<float32> of constant length and float16/float64 values are read too",
     ),
-    Column("entropy", "float32", "one uncertainty column at least", "Eq. 5, natural log"),
-    Column("bvsb", "float32", "", "p(second best) / p(best), Eq. 8"),
+    Column(
+        "entropy",
+        "float32",
+        "one uncertainty column, for the strategies that read one",
+        "−Σ p log p, natural log (Eq. 5); the first of the three that `--uncertainty auto` takes",
+    ),
+    Column("bvsb", "float32", "", "p(second best) / p(best) (Eq. 8): 1 = undecided, 0 = certain"),
     Column("least_confidence", "float32", "", "1 − p(best)"),
-    Column("bald", "float32", "no", "mutual information of ensemble members / MC-dropout passes"),
-    Column("probs", "fixed_size_list<float32>[K]", "no", "class probabilities; enables --strategy badge"),
-    Column("pred", "int32", "no", "predicted class"),
-    Column("source", "string", "no", "image path or URI"),
-    Column("image_id", "string", "region pools", "the image a region belongs to"),
-    Column("x", "int32", "region pools", "region left edge, in image pixels"),
-    Column("y", "int32", "region pools", "region top edge, in image pixels"),
-    Column("width", "int32", "region pools", "region width, in pixels"),
-    Column("height", "int32", "region pools", "region height, in pixels"),
+    Column(
+        "bald",
+        "float32",
+        "no",
+        "BALD: mutual information between the prediction and the model (ensemble members or MC-dropout "
+        "passes); written with several checkpoints or `--mc-dropout`",
+    ),
+    Column(
+        "probs",
+        "fixed_size_list<float32>[K]",
+        "for `--strategy badge`",
+        "class probabilities (softmax, averaged over ensemble members and MC-dropout passes); "
+        "`--no-probs` leaves the column out",
+    ),
+    Column("pred", "int32", "no", "predicted class (argmax of the probabilities)"),
+    Column("source", "string", "no", "image path or URI; copied into the batch file"),
+    Column("image_id", "string", "region pools", "the image a region belongs to; copied into the batch file"),
+    Column("x", "int32", "region pools", "region left edge, in original-image pixels"),
+    Column("y", "int32", "region pools", "region top edge, in original-image pixels"),
+    Column("width", "int32", "region pools", "region width, in pixels (clipped at the image border)"),
+    Column("height", "int32", "region pools", "region height, in pixels (clipped at the image border)"),
 )
 
 DETECTION_COLUMNS = (
-    Column("id", "string", "yes", "image ID (repeated: one row per box)"),
-    Column("source", "string", "no", "image path or URI"),
+    Column("id", "string", "yes", "image ID, repeated on every box row of the image"),
+    Column("source", "string", "no", "image path or URI; copied into the batch file"),
     Column(
         "label",
         "int32, nullable",
         "yes",
-        "predicted class of the box; null on the one row of an image without boxes",
+        "predicted class of the box in the detector's own numbering; null on the one row of an image "
+        "without boxes",
     ),
-    Column("score", "float32", "no", "detector confidence"),
+    Column("score", "float32", "no", "detector confidence of the box"),
     Column("box", "fixed_size_list<float32>[4]", "no", "x1, y1, x2, y2 in input-image pixels"),
-    Column("bvsb", "float32", "the uncertainty column (bvsb by default)", "per-box uncertainty, Eq. 8"),
-    Column("entropy", "float32", "", "per-box uncertainty, Eq. 5"),
-    Column("least_confidence", "float32", "", "per-box uncertainty"),
-    Column("probs", "fixed_size_list<float32>[K], nullable", "no", "the box's class scores"),
     Column(
-        "feature", "fixed_size_list<float32>[d], nullable", "yes", "box feature; null on empty-image rows"
+        "bvsb",
+        "float32",
+        "the uncertainty column (`bvsb` unless `--uncertainty` names another)",
+        "q(second best) / q(best) on the box's foreground class distribution q (Eq. 8)",
+    ),
+    Column("entropy", "float32", "", "−Σ q log q on the foreground class distribution, natural log"),
+    Column("least_confidence", "float32", "", "1 − max q"),
+    Column(
+        "probs",
+        "fixed_size_list<float32>[K], nullable",
+        "no",
+        "the box's class scores as the detector gives them (softmax or per-class sigmoid); "
+        "`--no-probs` leaves the column out",
+    ),
+    Column(
+        "feature",
+        "fixed_size_list<float32>[d], nullable",
+        "yes",
+        "the box's feature (what each detector family stores: [extract-detection.md](extract-detection.md)); "
+        "null on empty-image rows",
     ),
 )
 

@@ -5,7 +5,7 @@ class distribution and the link to the proposal or anchor that produced it, so n
 uncertainty (paper Eq. 8) nor its feature (Eq. 9) survives. Each family module re-implements its
 post-processing operation for operation on the model's own tensors while carrying that index along,
 so the kept boxes are bit-for-bit the model's output (tested against `model(images)`). What each
-family stores is listed in docs/extract.md.
+family stores is listed in docs/extract-detection.md.
 
 Uncertainty is computed on a box's *foreground* distribution (see `base.box_uncertainty`): a kept
 box is an object by construction; what is uncertain is which object.

@@ -3,7 +3,7 @@
 A family (`Family`) is one module in this package: how to recognise the model, what it stores as a
 box's probabilities and feature, and how to run it so that each kept box keeps the index of the
 proposal or anchor that produced it. Adding a detector (DETR, a YOLO wrapper) is one module with
-one `register_family(...)` call, imported in `families.py`.
+one `register_family(...)` call, imported in `__init__.py`.
 """
 
 from __future__ import annotations

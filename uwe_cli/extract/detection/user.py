@@ -56,7 +56,7 @@ def run_user(
         if missing:
             raise ModelError(
                 f"user detector output lacks {', '.join(missing)} (needs {', '.join(USER_KEYS)}); "
-                "see docs/extract.md"
+                "see docs/extract-detection.md"
             )
         boxes = torch.as_tensor(det["boxes"]).detach().to("cpu", torch.float32).reshape(-1, 4)
         n = boxes.shape[0]
