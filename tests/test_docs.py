@@ -28,6 +28,8 @@ COMMAND_PAGES = {
     "extract detection": "extract-detection.md",
     "select": "select.md",
     "inspect": "inspect.md",
+    "export": "export.md",
+    "report": "report.md",
 }
 
 # Pages whose ```python blocks run, in order, in one namespace, in a folder set up by `example_folder`.
