@@ -78,6 +78,7 @@ class Shard:
         if self.n != len(spec.units):  # the driver's partition and the reader must agree
             raise ClusterError(f"shard read {self.n} units, expected {len(spec.units)}")
         self.used = 0
+        self.compute = 0.0  # seconds spent in `step` (the per-pick work), for the cost model
         return {"uncertainty_column": self.pool.uncertainty_column, "dim": self.pool.dim}
 
     # -- global reductions
@@ -183,6 +184,13 @@ class Shard:
 
     def step(self, take: int | None, centre: Any, max_d: float | None) -> tuple[float, int, int] | None:
         """Retire the candidate this shard lost to the batch, fold in the new centre, answer the local max."""
+        started = time.perf_counter()
+        try:
+            return self._step(take, centre, max_d)
+        finally:
+            self.compute += time.perf_counter() - started
+
+    def _step(self, take: int | None, centre: Any, max_d: float | None) -> tuple[float, int, int] | None:
         if take is not None:
             self.tracker.take(take)
         if centre is not None:
@@ -223,9 +231,9 @@ class Shard:
         local = np.searchsorted(self.spec.units, units)
         return [float(v) for v in self.u_norm[local]]
 
-    def stats(self) -> tuple[int, int]:
+    def stats(self) -> tuple[int, int, float]:
         s = self.tracker.stats if self.tracker is not None else None
-        return (s.evaluated, s.possible) if s is not None else (0, 0)
+        return (s.evaluated, s.possible, self.compute) if s is not None else (0, 0, self.compute)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,6 +459,8 @@ def run_select_ray(
         "seed": seed,
         "device": "cpu",
         "workers": len(specs),
+        "selection_seconds": round(loop_seconds, 3),
+        "worker_step_seconds": round(max(s[2] for s in stats), 3),
         "skipped_distance_fraction": (1 - evaluated / possible) if possible and strat.embedding else None,
         "seconds": round(time.perf_counter() - started, 3),
     }

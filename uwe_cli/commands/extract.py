@@ -129,6 +129,24 @@ SHARED: dict[str, tuple[Any, Any]] = {
         16,
     ),
     "storage_option": (StorageOption, []),
+    "ray": (
+        Annotated[bool, typer.Option("--ray", help="Run the model in Ray actors (see --workers).")],
+        False,
+    ),
+    "workers": (Annotated[int, typer.Option("--workers", help="With --ray: model actors.")], 2),
+    "gpus_per_worker": (
+        Annotated[float, typer.Option("--gpus-per-worker", help="With --ray: GPUs per model actor.")],
+        0.0,
+    ),
+    "ray_address": (
+        Annotated[
+            str | None,
+            typer.Option(
+                "--ray-address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local instance)."
+            ),
+        ],
+        None,
+    ),
     "json_summary": (Json, False),
     "quiet": (Quiet, False),
 }

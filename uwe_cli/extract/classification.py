@@ -187,9 +187,6 @@ class ClassificationTask(ExtractionTask):
             )
         return [_to_batch(items, probs, feats, extra, self._schema, self.cfg.write_probs)]
 
-    def schema(self) -> pa.Schema | None:
-        return self._schema
-
     def metadata(self) -> dict[str, Any]:
         return self._meta
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from uwe_cli import storage
 from uwe_cli.data import ImageItem, LoaderBatch, check_loader_options, list_images, make_loader, shard_items
-from uwe_cli.errors import DataError, OutputError
+from uwe_cli.errors import DataError
 from uwe_cli.extract.writer import DEFAULT_PART_ROWS, ResumablePoolWriter, shard_target, work_dir_for
 from uwe_cli.outputs import Output, check_not_input, open_output, resolve_output
 
@@ -51,6 +51,10 @@ class ExtractConfig:
     trust_checkpoint: bool = False
     part_rows: int = DEFAULT_PART_ROWS
     io_concurrency: int = 16  # remote images fetched at once
+    ray: bool = False  # run the model on a Ray cluster (see cluster/extract.py)
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    ray_address: str | None = None
     extra_inputs: Sequence[str | Path] = ()  # other files the command read (e.g. --class-names)
 
     def checkpoint_paths(self) -> list[str | Path]:
@@ -143,10 +147,6 @@ class ExtractionTask(ABC):
         """The pool rows of a batch of images (possibly none yet, if the task buffers)."""
 
     @abstractmethod
-    def schema(self) -> pa.Schema | None:
-        """The Arrow schema once known (after the first rows)."""
-
-    @abstractmethod
     def metadata(self) -> dict[str, Any]:
         """The `uwe` metadata of the pool (task, model, classes, feature size, ...)."""
 
@@ -166,6 +166,10 @@ def _check_common(cfg: ExtractConfig, task: ExtractionTask) -> None:
     check_loader_options(task.batch_size, cfg.num_workers)
     if cfg.io_concurrency < 1:
         raise DataError(f"--io-concurrency must be positive, got {cfg.io_concurrency}")
+    if cfg.ray and (cfg.workers < 1 or cfg.gpus_per_worker < 0):
+        raise DataError(
+            f"--workers must be ≥ 1 and --gpus-per-worker ≥ 0, got {cfg.workers}, {cfg.gpus_per_worker}"
+        )
     if cfg.part_rows < 1:
         raise DataError(f"part_rows must be positive, got {cfg.part_rows}")
     if cfg.num_classes is not None and cfg.num_classes < 1:
@@ -248,25 +252,23 @@ def run_extraction(task: ExtractionTask, progress: ProgressFn | None = None) -> 
     try:
         resumed, redone, todo = _resume(writer, items)
         stamps = {item.id: (list(item.stamp) if item.stamp else None) for item in todo}
-        loader = make_loader(
-            todo, task.transform(), task.batch_size, cfg.num_workers, device.type == "cuda", task.stack,
-            cfg.io_concurrency,
-        )  # fmt: skip
         if progress is not None:
             progress(resumed, total)
-        batch: LoaderBatch
-        for batch in loader:
-            for index, message in batch.failures:
+        if cfg.ray:
+            from uwe_cli.cluster.extract import ray_rows
+
+            produced = ray_rows(task, todo)
+        else:
+            produced = _local_rows(task, todo, device)
+        for indices, batches, failures, metadata in produced:
+            for index, message in failures:
                 if not cfg.skip_bad_images:
                     raise DataError(f"{message} (use --skip-bad-images to leave such files out)")
                 skipped.append((todo[index], message))
-            if batch.payload is not None:
-                batch_items = [todo[i] for i in batch.indices]
-                _write(writer, task, task.rows(batch_items, batch.payload, device), stamps)
-                processed += len(batch_items)
+            _write(writer, batches, metadata, stamps, task.resume_column)
+            processed += len(indices)
             if progress is not None:
                 progress(resumed + processed + len(skipped), total)
-        _write(writer, task, task.finish(), stamps)
         if not processed and not resumed:
             raise DataError(f"no readable images in {cfg.data} ({len(skipped)} skipped)")
         rows, schema = writer.finish()
@@ -306,20 +308,41 @@ def run_extraction(task: ExtractionTask, progress: ProgressFn | None = None) -> 
     )
 
 
+Produced = Iterator[
+    tuple[list[int], list[pa.RecordBatch], list[tuple[int, str]], Callable[[], dict[str, Any]]]
+]
+
+
+def _local_rows(task: ExtractionTask, todo: list[ImageItem], device: Any) -> Produced:
+    """(item positions, their rows, failures, the pool metadata) per loader batch, in this process."""
+    cfg = task.cfg
+    loader = make_loader(
+        todo, task.transform(), task.batch_size, cfg.num_workers, device.type == "cuda", task.stack,
+        cfg.io_concurrency,
+    )  # fmt: skip
+    batch: LoaderBatch
+    for batch in loader:
+        rows = (
+            task.rows([todo[i] for i in batch.indices], batch.payload, device)
+            if batch.payload is not None
+            else []
+        )
+        yield batch.indices, rows, batch.failures, task.metadata
+    yield [], task.finish(), [], task.metadata
+
+
 def _write(
     writer: ResumablePoolWriter,
-    task: ExtractionTask,
     batches: list[pa.RecordBatch],
+    metadata: Callable[[], dict[str, Any]],
     stamps: dict[str, list[int] | None],
+    resume_column: str,
 ) -> None:
     """Hand rows to the writer with the input stamps of their images (fixing the schema first)."""
     if not batches:
         return
     if writer.schema is None:
-        schema = task.schema()
-        if schema is None:
-            raise OutputError("internal error: rows before a schema")  # pragma: no cover
-        writer.set_schema(schema, task.metadata())
+        writer.set_schema(batches[0].schema.remove_metadata(), metadata())
     for rows in batches:
-        keys = set(rows.column(task.resume_column).to_pylist())
+        keys = set(rows.column(resume_column).to_pylist())
         writer.write(rows, {k: stamps.get(k) for k in keys})

@@ -620,9 +620,6 @@ class SegmentationTask(ExtractionTask):
             del logits, features, images
         return out
 
-    def schema(self) -> pa.Schema | None:
-        return self._schema
-
     def metadata(self) -> dict[str, Any]:
         return self._meta
 

@@ -294,9 +294,6 @@ class DetectionTask(ExtractionTask):
             )
         return []
 
-    def schema(self) -> pa.Schema | None:
-        return self._schema
-
     def metadata(self) -> dict[str, Any]:
         return self._meta
 
