@@ -22,7 +22,6 @@ from uwe_cli.cluster.connect import check_resources, ray_session
 from uwe_cli.data import ImageDataset, ImageItem
 from uwe_cli.errors import ModelError
 
-
 _ITEMS: dict[str, list[ImageItem]] = {}
 
 

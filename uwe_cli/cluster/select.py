@@ -419,9 +419,11 @@ def run_select_ray(
             loaded = cluster.call("load", [()] * len(specs), record=True)
             if on_actors is not None:
                 on_actors(actors)
+            loop_started = time.perf_counter()
             result = _select(
                 cluster, strat, split, shard_units, budget, seed, tau, normalize, aggregate, prune, progress
             )
+            loop_seconds = time.perf_counter() - loop_started
             stats = cluster.call("stats", [()] * len(specs))
         finally:
             for a in actors:
