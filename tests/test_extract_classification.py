@@ -594,3 +594,22 @@ def test_cli_extract_then_select(images: Path, resnet_ckpt: Path, tmp_path: Path
 def test_unwrap_state_dict_errors() -> None:
     with pytest.raises(ModelError, match="no state_dict"):
         unwrap_state_dict({"epoch": 3, "lr": 0.1})
+
+
+def test_json_summary_is_one_line_on_stdout(images: Path, resnet_ckpt: Path, tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "pool.parquet"
+    r = invoke(
+        "extract", "classification", "--data", str(images), "--out", str(out), "--model", "resnet18",
+        "--checkpoint", str(resnet_ckpt), "--image-size", "32", "--num-workers", "0", "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    summary = json.loads(lines[0])
+    assert len(lines) == 1 and summary["task"] == "classification" and summary["rows"] == 6
+    assert summary["num_classes"] == K and summary["feature_dim"] == 512
+    r = invoke(
+        "extract", "classification", "--data", str(images), "--out", "-", "--json", "--model", "resnet18"
+    )
+    assert r.exit_code == 2 and "both write to stdout" in r.stderr

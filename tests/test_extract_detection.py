@@ -567,3 +567,19 @@ def test_interrupted_run_resumes(tmp_path: Path, user_module: str, monkeypatch: 
     fresh = tmp_path / "fresh.parquet"
     extract_detection(DetectionConfig(data=folder, out=fresh, model=user_module, device="cpu"))
     assert pq.read_table(out).to_pylist() == pq.read_table(fresh).to_pylist()
+
+
+def test_json_summary_is_one_line_on_stdout(tmp_path: Path, user_module: str) -> None:
+    folder = _folder(tmp_path)
+    out = tmp_path / "pool.parquet"
+    r = invoke(
+        "extract", "detection", "--model", user_module, "--data", str(folder), "--out", str(out),
+        "--num-workers", "0", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    summary = json.loads(lines[0])
+    assert (
+        len(lines) == 1 and summary["task"] == "detection" and summary["rows"] == pq.read_table(out).num_rows
+    )
+    assert summary["processed"] == 3 and summary["detections"] + summary["empty_images"] >= 3

@@ -436,3 +436,18 @@ def test_cli_extract_then_select(images: Path, tmp_path: Path) -> None:
         picked = [row["id"] for row in csv.DictReader(fh)]
     ids = set(pq.read_table(pool, columns=["id"]).column(0).to_pylist())
     assert len(picked) == 5 and set(picked) <= ids
+
+
+def test_json_summary_is_one_line_on_stdout(images: Path, tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "pool.parquet"
+    result = CliRunner().invoke(
+        app,
+        ["extract", "segmentation", "--model", "test_extract_segmentation:tiny_dict", "--num-classes", str(K),
+         "--data", str(images), "--out", str(out), "--device", "cpu", "--num-workers", "0", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    summary = json.loads(lines[0])
+    assert len(lines) == 1 and summary["task"] == "segmentation" and summary["rows"] == len(SIZES)
