@@ -45,10 +45,10 @@ def describe_pool(paths: Sequence[str | Path] | str | Path) -> dict[str, Any]:
                 hi = max(hi, mm["max"].as_py())
                 total += pc.sum(valid.cast(pa.float64())).as_py()
                 count += len(valid)
-        stats[name] = {
-            "min": lo if count else float("nan"),
-            "mean": total / count if count else float("nan"),
-            "max": hi if count else float("nan"),
+        stats[name] = {  # None (JSON null) when the column holds no value at all
+            "min": lo if count else None,
+            "mean": total / count if count else None,
+            "max": hi if count else None,
             "nulls": nulls,
         }
     shown = paths if isinstance(paths, (str, Path)) else ", ".join(map(str, paths))

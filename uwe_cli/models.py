@@ -154,7 +154,11 @@ def read_checkpoint(path: Path, trust: bool = False, shown: str | Path | None = 
                 f"checkpoint {where} is a TorchScript program, which runs code from the file; {TRUST_HINT}"
             )
         try:
-            return torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore", FutureWarning
+                )  # "torch.jit is deprecated": not the user's error
+                return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise ModelError(f"cannot load TorchScript file {where}: {_first_line(exc)}") from None
     try:

@@ -47,6 +47,15 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': sizes in messages, readable at any scale."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
 def available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as fh:
@@ -84,8 +93,8 @@ def check_memory(source: PoolSource, max_memory: int | None) -> int:
         allowed = "--max-memory allows" if max_memory is not None else "only"
         tail = "" if max_memory is not None else " is available"
         raise ResourceError(
-            f"pool needs about {need / 2**30:.1f} GiB ({source.rows:,} rows × {source.feature_dim()} features) "
-            f"but {allowed} {limit / 2**30:.1f} GiB{tail}"
+            f"pool needs about {human_bytes(need)} ({source.rows:,} rows × {source.feature_dim()} features) "
+            f"but {allowed} {human_bytes(limit)}{tail}"
         )
     return need
 

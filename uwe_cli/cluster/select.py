@@ -39,7 +39,7 @@ from uwe_cli.ids import read_id_file
 from uwe_cli.pool import PoolSource, open_pool
 from uwe_cli.pool.files import check_unique_ids
 from uwe_cli.schema import PASSTHROUGH_COLUMNS, check_ids
-from uwe_cli.select import SelectResult, resolve_split
+from uwe_cli.select import SelectResult, human_bytes, resolve_split
 from uwe_cli.selection.strategies import Strategy, badge_weights, get_strategy
 from uwe_cli.selection.tracker import Progress
 
@@ -393,8 +393,8 @@ def run_select_ray(
         need = max(source.estimate_bytes() * len(rows) // max(source.rows, 1) for rows, _ in shards)
         if need > max_memory:
             raise ResourceError(
-                f"a worker's share of the pool needs about {need / 2**30:.1f} GiB but --max-memory allows "
-                f"{max_memory / 2**30:.1f} GiB; use more --workers"
+                f"a worker's share of the pool needs about {human_bytes(need)} but --max-memory allows "
+                f"{human_bytes(max_memory)}; use more --workers"
             )
     need_uncertainty = (
         source.kind == "detection" or strat.needs_uncertainty or uncertainty not in (None, "", "auto")

@@ -32,7 +32,8 @@ def inspect(
     console.print(f"task: {info['task']}   feature dim: {info['feature_dim']}")
     table = Table("column", "min", "mean", "max", "nulls", title="float columns", title_justify="left")
     for name, s in info["uncertainty"].items():
-        table.add_row(name, f"{s['min']:.6g}", f"{s['mean']:.6g}", f"{s['max']:.6g}", str(s["nulls"]))
+        values = [("-" if s[k] is None else f"{s[k]:.6g}") for k in ("min", "mean", "max")]
+        table.add_row(name, *values, str(s["nulls"]))
     console.print(table)
     console.print("columns: " + ", ".join(f"{k} ({v})" for k, v in info["columns"].items()))
     if info["metadata"]:
