@@ -261,3 +261,45 @@ def test_naive_gemm_init_matches_reference_on_random_pool(rng):
     ref_picks, _ = kcg_reference(dense_embeddings(F, w), cand, lab, 30)
     got = k_center_greedy_naive(F, w, cand, lab, 30, gemm_init=True)
     np.testing.assert_array_equal(got.positions, ref_picks)
+
+
+KERNEL_PROBE = """
+import hashlib, numpy as np
+from uwe_cli.selection import _kernels as kern
+rng = np.random.default_rng(1)
+n, d = 3000, 200
+F = rng.random((n, d), dtype=np.float32) * 3
+G = rng.random((n, 2))
+E = kern.centre_embedding(G, F, 7)
+cand = np.arange(n, dtype=np.int64)
+out = []
+for fn in (kern.lower_distances, kern.lower_distances_parallel):
+    D = np.full(n, np.inf); near = np.full(n, -1, np.int32)
+    fn(G, F, cand, D, near, cand, n, 0, E)
+    out.append(D)
+D3 = np.empty(n); near3 = np.empty(n, np.int32)
+kern.nearest_exact(G, F, cand, np.array([7, 100, 300]), D3, near3)
+out += [D3, kern.sq_norms(G, F, cand)]
+print(" ".join(hashlib.sha256(a.tobytes()).hexdigest() for a in out))
+"""
+
+
+def test_kernels_sum_the_same_way_compiled_fresh_or_from_cache(tmp_path):
+    """The same distances from a freshly compiled kernel and from numba's cache, serial or parallel.
+
+    With fastmath reassociation a cached parallel kernel summed in another order than the fresh one,
+    so two runs of one command could differ in the last bit (seen on a 1M-row pool)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", KERNEL_PROBE], env=env, capture_output=True, text=True, check=True
+        )
+        for _ in range(2)
+    ]
+    fresh, cached = (r.stdout.split() for r in runs)
+    assert fresh == cached
+    assert fresh[0] == fresh[1]  # serial and parallel update
