@@ -68,6 +68,14 @@ class Shard:
         self.tracker: Any = None
 
     def load(self) -> dict[str, Any]:
+        import os
+
+        import numba
+
+        # Ray gives an actor OMP_NUM_THREADS = its CPUs; numba's thread pool must not oversubscribe them.
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads:
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         spec = self.spec
         source = open_pool(spec.paths).restrict(spec.rows)
         self.kind = source.kind
