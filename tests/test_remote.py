@@ -211,3 +211,34 @@ def test_heatmaps_into_a_bucket(s3_bucket: str, fs: s3fs.S3FileSystem, tmp_path:
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/heat"))
     ids = pq.read_table(tmp_path / "pool.parquet").column("id").to_pylist()
     assert names == sorted(i.replace("/", "%2F") + ".png" for i in ids)
+
+
+def test_export_and_report_read_batch_and_pool_from_a_bucket(
+    s3_bucket: str, fs: s3fs.S3FileSystem, local_job, tmp_path: Path
+) -> None:
+    upload(fs, s3_bucket, local_job)
+    s3 = f"s3://{s3_bucket}"
+    assert extract(f"{s3}/imgs/", f"{s3}/ckpt.pth", f"{s3}/pool.parquet").exit_code == 0
+    r = invoke("select", f"{s3}/pool.parquet", "--budget", 3, "--out", f"{s3}/batch.csv", "-q")
+    assert r.exit_code == 0, r.output
+    r = invoke(
+        "export",
+        f"{s3}/batch.csv",
+        "--pool",
+        f"{s3}/pool.parquet",
+        "--to",
+        "csv",
+        "--out",
+        f"{s3}/export.csv",
+        "-q",
+    )
+    assert r.exit_code == 0, r.output
+    batch_ids = [
+        row["id"] for row in csv.DictReader(io.StringIO(fs.cat_file(f"{s3_bucket}/batch.csv").decode()))
+    ]
+    exported = list(csv.DictReader(io.StringIO(fs.cat_file(f"{s3_bucket}/export.csv").decode())))
+    assert [row["id"] for row in exported][:3] == batch_ids
+    out = tmp_path / "report.html"
+    r = invoke("report", f"{s3}/batch.csv", "--pool", f"{s3}/pool.parquet", "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > 1000

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from uwe_cli.errors import BatchError
+from uwe_cli import storage
+from uwe_cli.errors import BatchError, StorageError
 from uwe_cli.outputs import Output, open_output
 
 # The csv module refuses fields above 128 KiB by default; IDs have no length limit.
@@ -74,11 +75,13 @@ def read_batch(path: str | Path) -> Batch:
     number, `uncertainty` and `distance` to empty. IDs are parsed as CSV, so quoted commas and
     quotes round-trip. Empty files, duplicate IDs and unreadable numbers are BatchErrors.
     """
-    path = Path(path)
-    if not path.is_file():
+    path = storage.as_location(path)
+    if not storage.is_url(path) and not Path(path).is_file():
         raise BatchError(f"batch file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = storage.read_bytes(path).decode("utf-8-sig")
+    except StorageError as exc:
+        raise BatchError(f"batch file {exc}") from None
     except UnicodeDecodeError:
         raise BatchError(f"batch file is not UTF-8 text: {path}") from None
     except OSError as exc:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from uwe_cli import storage
 from uwe_cli.batch import Batch, read_batch
 from uwe_cli.errors import BatchError, DataError, ExportError, UweError
 from uwe_cli.pool import PoolSource, open_pool
@@ -152,8 +153,8 @@ def load_picks(
     `class_names` replaces the pool's metadata names. For detection pools `uncertainty` names the
     per-box column that decides each class's representative box (default bvsb, as `uwe select`).
     """
-    batch_path = Path(batch_path)
-    pool_paths = [Path(p) for p in pools]
+    batch_path = storage.as_location(batch_path)
+    pool_paths = [storage.as_location(p) for p in pools]
     source = open_pool(pool_paths)
     batch = read_batch(batch_path)
     meta = source.metadata
@@ -293,12 +294,12 @@ def _mark_representatives(boxes: list[PickBox]) -> None:
         box.representative = True
 
 
-def image_path(pick: Pick, images: str | Path | None) -> Path:
-    """Where to read a pick's image here: `--images DIR` / image ID, else the pool's `source`."""
+def image_path(pick: Pick, images: str | Path | None) -> str | Path:
+    """Where to read a pick's image here: `--images DIR` / image ID, else the pool's `source` (paths or URLs)."""
     if images is not None:
-        return Path(images) / pick.image_id
+        return storage.join(images, pick.image_id)
     if pick.source is None:
         raise DataError(
             f"the pool has no 'source' column for '{pick.image_id}'; give the image folder with --images DIR"
         )
-    return Path(pick.source)
+    return storage.as_location(pick.source)

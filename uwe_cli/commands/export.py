@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from uwe_cli.commands._common import (
+    StorageOption,
+    apply_storage_options,
     cli_errors,
     emit_json,
     progress_callback,
@@ -17,8 +19,10 @@ from uwe_cli.commands._common import (
 
 
 def export(
-    batch: Path = typer.Argument(..., help="Batch CSV written by `uwe select`."),
-    pool: list[Path] = typer.Option(..., "--pool", "-p", help="The pool the batch was selected from."),
+    batch: str = typer.Argument(..., help="Batch CSV written by `uwe select` (path or URL)."),
+    pool: list[str] = typer.Option(
+        ..., "--pool", "-p", help="The pool the batch was selected from (path or URL)."
+    ),
     to: str = typer.Option(..., "--to", help="labelstudio | coco | csv."),
     out: str = typer.Option(..., "--out", "-o", help="File to write, or '-' for stdout."),
     predictions: str = typer.Option(
@@ -48,6 +52,7 @@ def export(
     model_version: str = typer.Option("uwe", help="Label Studio prediction model_version."),
     json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Write the batch as Label Studio tasks, COCO or CSV, with the model's predictions as pre-annotations."""
     from uwe_cli.export import ExportOptions, ImageRefs, parse_path_map, run_export
@@ -56,6 +61,7 @@ def export(
 
     refuse_two_stdout_outputs(out, json_summary)
     with cli_errors():
+        apply_storage_options(storage_option)
         inputs = [batch, *pool, *([images] if images is not None else [])]
         target = resolve_output(out, "--out", inputs=inputs)
         opts = ExportOptions(

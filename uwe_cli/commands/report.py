@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from uwe_cli.commands._common import (
+    StorageOption,
+    apply_storage_options,
     cli_errors,
     emit_json,
     progress_callback,
@@ -17,10 +19,12 @@ from uwe_cli.commands._common import (
 
 
 def report(
-    batch: Path = typer.Argument(..., help="Batch CSV written by `uwe select`."),
-    pool: list[Path] = typer.Option(..., "--pool", "-p", help="The pool the batch was selected from."),
+    batch: str = typer.Argument(..., help="Batch CSV written by `uwe select` (path or URL)."),
+    pool: list[str] = typer.Option(
+        ..., "--pool", "-p", help="The pool the batch was selected from (path or URL)."
+    ),
     out: str = typer.Option(..., "--out", "-o", help="HTML file to write ('-' for stdout)."),
-    labeled: Path | None = typer.Option(None, help="Labeled IDs (as given to `uwe select --labeled`)."),
+    labeled: str | None = typer.Option(None, help="Labeled IDs (as given to `uwe select --labeled`)."),
     settings: Path | None = typer.Option(
         None, help="The JSON line of `uwe select --json`: shown, and its tau/uncertainty/... used."
     ),
@@ -47,6 +51,7 @@ def report(
     seed: int = typer.Option(0, help="Seed of the map subsample and projection."),
     json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Write a self-contained HTML report: thumbnails in pick order, map, histograms, settings."""
     from uwe_cli.outputs import resolve_output
@@ -55,6 +60,7 @@ def report(
 
     refuse_two_stdout_outputs(out, json_summary)
     with cli_errors():
+        apply_storage_options(storage_option)
         inputs = [batch, *pool, *(p for p in (labeled, settings, heatmaps, images) if p is not None)]
         target = resolve_output(out, "--out", inputs=inputs)
         opts = ReportOptions(

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from uwe_cli import storage
 from uwe_cli.data import load_thumbnail
 from uwe_cli.embedding import check_selection_options, normalize_uncertainty, uwe_weights
 from uwe_cli.errors import ExportError
@@ -250,7 +251,7 @@ def build_report(
     shown_settings["map"] = opts.map
     if opts.labeled is not None:
         shown_settings["labeled"] = f"{opts.labeled} ({labeled_rows.size:,} in the pool)"
-    title = opts.title or f"uwe batch: {Path(batch).name}"
+    title = opts.title or f"uwe batch: {storage.name(batch)}"
     data = ReportData(
         title=title,
         picks=picks,
