@@ -37,6 +37,7 @@ class TrackerStats:
     possible: int = 0
     unsure_rows: int = 0
     scanned: int = 0
+    screened: int = 0  # candidates a low-precision screen proved out of reach (no exact distance needed)
 
     @property
     def skipped_fraction(self) -> float:
