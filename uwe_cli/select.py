@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import re
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from uwe_cli.embedding import check_selection_options, normalize_uncertainty, un
 from uwe_cli.errors import ResourceError, SelectionError
 from uwe_cli.ids import read_id_file, rows_of
 from uwe_cli.pool import DetectionPool, PoolSource, UnitPool, open_pool
+from uwe_cli.selection.small import is_small
 from uwe_cli.selection.strategies import SelectionProblem, Strategy, badge_weights, get_strategy
 from uwe_cli.selection.tracker import Progress, Tracker, tracker_class
 
@@ -74,6 +76,26 @@ def resolve_device(device: str) -> tuple[str, str]:
     if device == "cuda":
         raise ResourceError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return "numba", "cpu"
+
+
+def warm_up_dense_engine(labeled: int) -> threading.Thread:
+    """Load the compiled engine in the background while the pool is read.
+
+    Loading numba and its cached kernels is half a second of mostly Python work; Parquet decoding
+    releases the GIL, so the two overlap. Errors are left for the foreground to meet and report.
+    """
+
+    def load() -> None:
+        try:
+            from uwe_cli.selection.dense import warm_up
+
+            warm_up(labeled)
+        except Exception:  # pragma: no cover - the foreground meets the same error and reports it
+            pass
+
+    thread = threading.Thread(target=load, name="uwe-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def check_memory(source: PoolSource, max_memory: int | None) -> int:
@@ -148,15 +170,22 @@ def _unit_problem(
             message = underflow_warning(u_norm[split.in_play], weights[split.in_play], opts["tau"])
             warnings += [message] if message else []
     capacity = split.labeled.size + opts["budget"]
+    handed_over = False
 
     def make_tracker(embedding: str) -> Tracker:
-        from uwe_cli.selection.dense import DenseEmbedding, as_weights
+        from uwe_cli.selection.embedded import DenseEmbedding, as_weights
 
+        nonlocal handed_over
+        if handed_over:  # the first engine may have reordered the rows in place
+            raise RuntimeError("the feature matrix was handed to a selection engine already")
+        handed_over = True
         G = weights if embedding == "uwe" else None
         if embedding == "badge":
             assert pool.probs is not None
             G = badge_weights(pool.probs)
-        dense = DenseEmbedding(pool.features, as_weights(G, pool.size))
+        # The pipeline does not read the features after selection: the engine may reorder them in place
+        # instead of copying them.
+        dense = DenseEmbedding(pool.features, as_weights(G, pool.size), reorder=True)
         cls = tracker_class("unit", backend)
         return cls(dense, split.candidates, capacity, prune=opts["prune"], device=device)
 
@@ -235,6 +264,12 @@ def run_select(
     labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
     exclude_ids = read_id_file(exclude, "--exclude") if exclude else []
 
+    if source.kind == "unit" and backend == "numba" and strat.embedding is not None:
+        k = (source.num_classes or 1000) if strat.embedding == "badge" else 1
+        if is_small(source.rows, source.feature_dim() * k, len(labeled_ids) + budget):
+            backend = "numpy"
+        else:
+            warm_up_dense_engine(len(labeled_ids))
     # A named uncertainty column is read (and validated) even by strategies that do not need one, so the
     # batch file reports it.
     need_uncertainty = strat.needs_uncertainty or uncertainty not in (None, "", "auto")

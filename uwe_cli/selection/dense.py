@@ -13,13 +13,14 @@ a bucket are read from contiguous memory.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from uwe_cli.selection import _kernels as kern
+from uwe_cli.selection.embedded import DenseEmbedding, as_weights
 from uwe_cli.selection.greedy import KCGResult, k_center_greedy, kmeanspp_seeding
 from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats, tracker_class
+
+__all__ = ["CentreTracker", "DenseEmbedding", "as_weights", "dense_kcg", "dense_kmeanspp", "dense_tracker"]
 
 KNN_NEIGHBOURS = 16
 # Below this many multiply-adds an update runs on one thread: starting a thread team costs ~0.1 ms on
@@ -41,26 +42,6 @@ FARTHEST_FIRST_MAX = 4096
 # scalar-weighted embeddings (K = 1) with at least this many features, when memory allows.
 SCREEN_MIN_DIM = 256
 SCREEN = True
-
-
-class DenseEmbedding(NamedTuple):
-    """Embedding rows as the outer product G[r] ⊗ F[r]: float32 features (n, d), float64 weights (n, K).
-
-    `reorder`: the caller hands the feature matrix over; the engine may permute its rows in place
-    instead of copying them (the caller must not read `features` afterwards).
-    """
-
-    features: np.ndarray
-    weights: np.ndarray
-    reorder: bool = False
-
-
-def as_weights(G: np.ndarray | None, n: int) -> np.ndarray:
-    """Weights as the (n, K) float64 matrix the kernels expect; None means unweighted (CoreSet)."""
-    if G is None:
-        return np.ones((n, 1), dtype=np.float64)
-    G = np.asarray(G, dtype=np.float64)
-    return np.ascontiguousarray(G.reshape(n, -1))
 
 
 def _embed32(G: np.ndarray, F: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -462,6 +443,19 @@ class CentreTracker(Tracker):
         a = int(self.near[s])
         self._dirty.add(self.orphan if a < 0 else a)
         self.taken += 1
+
+
+def warm_up(labeled: int = 0) -> None:
+    """Run the kernels once on a tiny pool, so later calls find them loaded (or compiled and cached).
+
+    With more than KNN_NEIGHBOURS labeled rows the real run takes the FAISS path, so that is warmed too.
+    """
+    rng = np.random.default_rng(0)
+    n, d = 96, SCREEN_MIN_DIM
+    F = rng.random((n, d), dtype=np.float32)
+    w = rng.random(n)
+    lab = KNN_NEIGHBOURS + 1 if labeled > KNN_NEIGHBOURS else min(labeled, 4)
+    dense_kcg(F, w, np.arange(lab, n), np.arange(lab), 8)
 
 
 def dense_tracker(
