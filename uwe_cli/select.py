@@ -26,6 +26,7 @@ from uwe_cli.embedding import check_selection_options, normalize_uncertainty, un
 from uwe_cli.errors import ResourceError, SelectionError
 from uwe_cli.ids import read_id_file, rows_of
 from uwe_cli.pool import DetectionPool, PoolSource, UnitPool, open_pool
+from uwe_cli.selection.embedded import available_memory
 from uwe_cli.selection.small import is_small
 from uwe_cli.selection.strategies import SelectionProblem, Strategy, badge_weights, get_strategy
 from uwe_cli.selection.tracker import Progress, Tracker, tracker_class
@@ -47,17 +48,6 @@ def parse_memory(text: str) -> int:
         raise SelectionError(f"--max-memory: cannot read '{text}' (examples: 8G, 512M)")
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
     return int(float(m.group(1)) * scale)
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def resolve_device(device: str) -> tuple[str, str]:
@@ -185,7 +175,7 @@ def _unit_problem(
             G = badge_weights(pool.probs)
         # The pipeline does not read the features after selection: the engine may reorder them in place
         # instead of copying them.
-        dense = DenseEmbedding(pool.features, as_weights(G, pool.size), reorder=True)
+        dense = DenseEmbedding(pool.features, as_weights(G, pool.size), True, opts["spare_bytes"])
         cls = tracker_class("unit", backend)
         return cls(dense, split.candidates, capacity, prune=opts["prune"], device=device)
 
@@ -260,7 +250,9 @@ def run_select(
     backend, device = resolve_device(device)
     source = open_pool(pools)
     get_strategy(strategy, source.kind)
-    check_memory(source, max_memory)
+    need = check_memory(source, max_memory)
+    limit = max_memory if max_memory is not None else available_memory()
+    spare = None if limit is None else max(0, limit - need)
     labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
     exclude_ids = read_id_file(exclude, "--exclude") if exclude else []
 
@@ -283,6 +275,7 @@ def run_select(
         "aggregate": aggregate,
         "prune": prune,
         "progress": progress,
+        "spare_bytes": spare,
     }
     build = _detection_problem if isinstance(pool, DetectionPool) else _unit_problem
     built = build(pool, split, strat, opts, backend, device)  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ ABANDON_BLOCK = 256
 # the rest. Rows whose values could overflow float32 squares get r = ∞ (never decided by the screen).
 SCREEN_MAX_ABS = 1e15
 F32_EPS = 2.0**-24
+F32_TINY = 2.0**-126
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
@@ -193,18 +194,30 @@ def _screen_sq(Q, qa, s, c32):
     return t
 
 
+def screen_constants(dim: int) -> tuple[float, float, float]:
+    """(γ, A, η√d) of `_screened_out` for `dim` features: the relative error of a float32 sum of dim + 2
+    rounded terms, and the absolute errors a float32 result near zero can carry (2^-126 per operation,
+    which holds with gradual underflow and with flush-to-zero alike) in the sum and in the difference
+    vector."""
+    terms = dim + 2
+    gamma = terms * F32_EPS / (1.0 - terms * F32_EPS)
+    return gamma, (2 * dim + 2) * F32_TINY, 3.0 * F32_TINY * np.sqrt(dim)
+
+
 @njit(cache=True, inline="always")
-def _screened_out(t, d, norm_s, r_s, rc, gamma):
+def _screened_out(t, d, norm_s, r_s, rc, bound):
     """True when the float32 screen value t proves ‖x − c‖² ≥ d (with the pruning margin).
 
-    The computed t ≤ (1 + γ)·‖δ‖² where δ is the computed difference vector (γ bounds the float32 sum of
-    d + 2 rounded terms, in any order), and ‖δ − (a·q − c32)‖ ≤ ε′(‖a·q‖ + ‖a·q − c32‖) with
-    ε′ = ε(1 + ε) and ‖a·q‖ ≤ ‖x‖ + r. Also ‖x − c‖ ≥ ‖a·q − c32‖ − r − ‖c − c32‖. So
-    ‖x − c‖ ≥ √(d·margin) holds when t ≥ (1 + γ)·B² with B = (1 + ε′)(√(d·margin) + r + rc) + ε′(‖x‖ + r).
+    Float32 operations err by at most ε·|result| + η (ε = 2^-24, η = 2^-126). So the computed
+    t ≤ (1 + γ)(‖δ‖² + A), δ being the computed difference vector, and
+    ‖δ − (a·q − c32)‖ ≤ ε′(‖a·q‖ + ‖a·q − c32‖) + η√d with ε′ = ε(1 + ε) and ‖a·q‖ ≤ ‖x‖ + r. With
+    ‖x − c‖ ≥ ‖a·q − c32‖ − r − ‖c − c32‖, ‖x − c‖ ≥ √(d·margin) holds when t ≥ (1 + γ)(B² + A) with
+    B = (1 + ε′)(√(d·margin) + r + rc) + ε′(‖x‖ + r) + η√d. No division on the hot path.
     """
+    gamma, tiny_sum, tiny_vec = bound
     eps1 = F32_EPS * (1.0 + F32_EPS)
-    B = (1.0 + eps1) * (np.sqrt(d * PRUNE_MARGIN) + r_s + rc) + eps1 * (norm_s + r_s)
-    return np.float64(t) >= (1.0 + gamma) * B * B
+    B = (1.0 + eps1) * (np.sqrt(d * PRUNE_MARGIN) + r_s + rc) + eps1 * (norm_s + r_s) + tiny_vec
+    return np.float64(t) >= (1.0 + gamma) * (B * B + tiny_sum)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -269,108 +282,86 @@ def collect(start, count, buckets, nb, cc_of, D, todo):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _improve(
-    g, X, xrow, norms, D, near, cc_of, s, E, cnorm, prune, new_id, Q, qa, qr, c32, rc, gamma, screen
-):
-    """Lower D of slot s if the new centre E is closer (then near[s] = new_id).
-
-    Returns 0 when a bound skipped the slot, 1 when the int8 screen decided it, 2 when an exact float64
-    distance was computed and did not improve D, 3 when it did. `cc_of[a]` is ‖c − a‖² for the bucket a the slot belongs to (0 for the orphan
-    bucket: no pruning).
-    """
+def _triage(norms, D, near, cc_of, s, cnorm, prune, Q, qa, qr, c32, rc, bound, screen):
+    """0: a bound proves the new centre cannot improve slot s; 1: the int8 screen proves it; 2: only an
+    exact distance can tell. `cc_of[a]` is ‖c − a‖² for the bucket a the slot belongs to (0 for the
+    orphan bucket: no pruning)."""
     d = D[s]
     if d <= 0.0:  # on a centre already
         return 0
-    r = xrow[s]
-    if prune:
-        a = near[s]
-        cc = cc_of[a] if a >= 0 else 0.0
-        if cc >= 4.0 * d * PRUNE_MARGIN:
-            return 0
-        gap = norms[s] - cnorm
-        slack = NORM_SLACK * (norms[s] + cnorm) * (norms[s] + cnorm)
-        if gap * gap >= d * PRUNE_MARGIN + slack:
-            return 0
-        if screen and _screened_out(_screen_sq(Q, qa, s, c32), d, norms[s], np.float64(qr[s]), rc, gamma):
-            return 1
-    v = _sq_dist(g, X, r, E, d)
-    if v < d:
-        D[s] = v
-        near[s] = new_id
-        return 3
+    if not prune:
+        return 2
+    a = near[s]
+    cc = cc_of[a] if a >= 0 else 0.0
+    if cc >= 4.0 * d * PRUNE_MARGIN:
+        return 0
+    gap = norms[s] - cnorm
+    slack = NORM_SLACK * (norms[s] + cnorm) * (norms[s] + cnorm)
+    if gap * gap >= d * PRUNE_MARGIN + slack:
+        return 0
+    if screen and _screened_out(_screen_sq(Q, qa, s, c32), d, norms[s], np.float64(qr[s]), rc, bound):
+        return 1
     return 2
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def improve(
-    g, X, xrow, norms, D, near, cc_of, todo, m, E, cnorm, prune, new_id, Q, qa, qr, c32, rc, gamma, screen
-):
-    """Apply the new centre to the listed slots (one thread). Returns (screened, exact, improved) counts."""
-    screened = 0
-    exact = 0
-    improved = 0
+def triage(norms, D, near, cc_of, todo, m, cnorm, prune, Q, qa, qr, c32, rc, bound, screen, flags):
+    """flags[q] = `_triage` of slot todo[q] (one thread). Kept apart from the exact distances: a loop
+    holding both compiles to slower code for each."""
     for q in range(m):
-        how = _improve(
-            g,
-            X,
-            xrow,
-            norms,
-            D,
-            near,
-            cc_of,
-            todo[q],
-            E,
-            cnorm,
-            prune,
-            new_id,
-            Q,
-            qa,
-            qr,
-            c32,
-            rc,
-            gamma,
-            screen,
-        )
-        screened += how == 1
-        exact += how >= 2
-        improved += how == 3
-    return screened, exact, improved
+        flags[q] = _triage(norms, D, near, cc_of, todo[q], cnorm, prune, Q, qa, qr, c32, rc, bound, screen)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def improve_parallel(
-    g, X, xrow, norms, D, near, cc_of, todo, m, E, cnorm, prune, new_id, Q, qa, qr, c32, rc, gamma, screen
-):
-    """As `improve`, across all threads (slots are distinct, so writes never collide)."""
+def triage_parallel(norms, D, near, cc_of, todo, m, cnorm, prune, Q, qa, qr, c32, rc, bound, screen, flags):
+    """As `triage`, across all threads."""
+    for q in prange(m):
+        flags[q] = _triage(norms, D, near, cc_of, todo[q], cnorm, prune, Q, qa, qr, c32, rc, bound, screen)
+
+
+@njit(cache=True)
+def keep_exact(todo, m, flags):
+    """Move the slots flagged 2 to the front of `todo`; returns (how many, how many the screen decided)."""
+    w = 0
     screened = 0
-    exact = 0
+    for q in range(m):
+        f = flags[q]
+        if f == 2:
+            todo[w] = todo[q]
+            w += 1
+        elif f == 1:
+            screened += 1
+    return w, screened
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def lower_exact(g, X, xrow, D, near, todo, m, E, new_id):
+    """D = min(D, exact float64 distance to E) for the listed slots (one thread); returns how many improved."""
+    improved = 0
+    for q in range(m):
+        s = todo[q]
+        d = D[s]
+        v = _sq_dist(g, X, xrow[s], E, d)
+        if v < d:
+            D[s] = v
+            near[s] = new_id
+            improved += 1
+    return improved
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def lower_exact_parallel(g, X, xrow, D, near, todo, m, E, new_id):
+    """As `lower_exact`, across all threads (slots are distinct, so writes never collide)."""
     improved = 0
     for q in prange(m):
-        how = _improve(
-            g,
-            X,
-            xrow,
-            norms,
-            D,
-            near,
-            cc_of,
-            todo[q],
-            E,
-            cnorm,
-            prune,
-            new_id,
-            Q,
-            qa,
-            qr,
-            c32,
-            rc,
-            gamma,
-            screen,
-        )
-        screened += how == 1
-        exact += how >= 2
-        improved += how == 3
-    return screened, exact, improved
+        s = todo[q]
+        d = D[s]
+        v = _sq_dist(g, X, xrow[s], E, d)
+        if v < d:
+            D[s] = v
+            near[s] = new_id
+            improved += 1
+    return improved
 
 
 @njit(cache=True, inline="always")

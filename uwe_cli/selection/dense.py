@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from uwe_cli.selection import _kernels as kern
-from uwe_cli.selection.embedded import DenseEmbedding, as_weights
+from uwe_cli.selection.embedded import DenseEmbedding, as_weights, available_memory
 from uwe_cli.selection.greedy import KCGResult, k_center_greedy, kmeanspp_seeding
 from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats, tracker_class
 
@@ -38,9 +38,12 @@ SPARE_SLOTS = 0.5
 # Labeled centres are inserted farthest-first (spread-out centres first keep later reach small); the
 # order is computed by K-Center-Greedy over at most this many of them, the rest follow in row order.
 FARTHEST_FIRST_MAX = 4096
-# The int8 screen (see _kernels.build_screen) costs one byte per feature; it is built for unweighted or
-# scalar-weighted embeddings (K = 1) with at least this many features, when memory allows.
+# The int8 screen (see _kernels.build_screen) costs a byte per feature and slot (about 0.3× the float32
+# matrix). It is built for unweighted or scalar-weighted embeddings (K = 1) with at least SCREEN_MIN_DIM
+# features, when it fits in the spare memory and is at most SCREEN_MAX_BYTES: larger pools stay lean
+# (peak memory about 1.3× the matrix), and by then pruning does most of the work anyway.
 SCREEN_MIN_DIM = 256
+SCREEN_MAX_BYTES = 512 << 20
 SCREEN = True
 
 
@@ -127,6 +130,7 @@ class CentreTracker(Tracker):
             self.count[self.orphan] = n
             kern.bucket_top(self.start, self.count, self.maxD, self.argslot, self.orig, self.D, self.orphan)
         self._todo = np.empty(n, dtype=idx)
+        self._flags = np.empty(n, dtype=np.int8)
         self._reach = np.empty(cap + 1, dtype=np.int64)
         self._reach_cc = np.empty(cap + 1, dtype=np.float64)
         self._cc = np.zeros(cap + 1, dtype=np.float64)
@@ -143,6 +147,13 @@ class CentreTracker(Tracker):
         self.stats = TrackerStats()
         self.screen = bool(SCREEN and prune and K == 1 and d >= SCREEN_MIN_DIM and n)
         if self.screen:
+            need = cap_slots * (d + 8)
+            spare = embedding.spare_bytes
+            if spare is None:
+                avail = available_memory()
+                spare = need if avail is None else avail // 2
+            self.screen = need <= min(spare, SCREEN_MAX_BYTES)
+        if self.screen:
             # Screen rows live in slots (rows and slots coincide now): a bucket scan reads them in order.
             self.Q = np.empty((cap_slots, d), dtype=np.int8)
             self.qa = np.zeros(cap_slots, dtype=np.float32)
@@ -152,8 +163,7 @@ class CentreTracker(Tracker):
             self.Q = np.zeros((1, 1), dtype=np.int8)
             self.qa = np.zeros(1, dtype=np.float32)
             self.qr = np.zeros(1, dtype=np.float32)
-        terms = d + 2
-        self._gamma = terms * kern.F32_EPS / (1.0 - terms * kern.F32_EPS)
+        self._bound = kern.screen_constants(d)
 
     # -- rows of the pool --------------------------------------------------------------------------
 
@@ -320,29 +330,29 @@ class CentreTracker(Tracker):
         screen = self.screen and float(np.abs(E).max()) <= kern.SCREEN_MAX_ABS
         c32 = E[0].astype(np.float32)
         rc = float(np.sqrt(((E[0] - c32.astype(np.float64)) ** 2).sum())) * (1 + 1e-9) if screen else 0.0
-        improve = kern.improve_parallel if m * E.size >= PARALLEL_MIN_WORK else kern.improve
-        screened, evaluated, improved = improve(
-            self.g,
-            self.X,
-            self.xrow,
+        triage = kern.triage_parallel if m * (self.X.shape[1] // 4) >= PARALLEL_MIN_WORK else kern.triage
+        triage(
             self.norms,
             self.D,
             self.near,
             self._cc,
             self._todo,
             m,
-            E,
             cnorm,
             self.prune,
-            k,
             self.Q,
             self.qa,
             self.qr,
             c32,
             rc,
-            self._gamma,
+            self._bound,
             screen,
+            self._flags,
         )
+        exact, screened = kern.keep_exact(self._todo, m, self._flags)
+        lower = kern.lower_exact_parallel if exact * E.size >= PARALLEL_MIN_WORK else kern.lower_exact
+        improved = lower(self.g, self.X, self.xrow, self.D, self.near, self._todo, exact, E, k)
+        scanned, m = m, exact  # from here on todo lists the slots that got an exact distance
         if self.count[self.orphan] == 0 and self.used + improved > self.D.size:
             self._compact(new_id=k)  # no room to append them: compact, with the improved ones last
         else:
@@ -370,9 +380,9 @@ class CentreTracker(Tracker):
                 self.orphan,
             )
         self.stats.screened += int(screened)
-        self.stats.evaluated += int(evaluated)
+        self.stats.evaluated += int(exact)
         self.stats.possible += self.n - self.taken
-        self.stats.scanned += m
+        self.stats.scanned += scanned
         self.k += 1
         if self.k >= self._next_relayout:
             self._next_relayout *= RELAYOUT_FACTOR

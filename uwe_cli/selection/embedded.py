@@ -16,11 +16,26 @@ class DenseEmbedding(NamedTuple):
 
     `reorder`: the caller hands the feature matrix over; the engine may permute its rows in place
     instead of copying them (the caller must not read `features` afterwards).
+    `spare_bytes`: memory the engine may spend on optional speed-ups beyond its bookkeeping (None: half
+    of what the system reports available).
     """
 
     features: np.ndarray
     weights: np.ndarray
     reorder: bool = False
+    spare_bytes: int | None = None
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def as_weights(G: np.ndarray | None, n: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from uwe_cli.errors import ResourceError
-from uwe_cli.selection._kernels import F32_EPS, NORM_SLACK, PRUNE_MARGIN, SCREEN_MAX_ABS
+from uwe_cli.selection._kernels import F32_EPS, NORM_SLACK, PRUNE_MARGIN, SCREEN_MAX_ABS, screen_constants
 from uwe_cli.selection.dense import DenseEmbedding, as_weights
 from uwe_cli.selection.tracker import Tracker, TrackerStats
 
@@ -63,8 +63,11 @@ class TorchCentreTracker(Tracker):
             for s in range(0, n, 65_536):
                 rows = self.candidates[s : s + 65_536]
                 top[s : s + rows.size] = np.abs(G[rows, 0]) * np.abs(F[rows]).max(axis=1, initial=0.0)
-            self._screenable = torch.from_numpy(top <= SCREEN_MAX_ABS).to(self.device)
-        self._gamma = (F.shape[1] + 2) * F32_EPS / (1.0 - (F.shape[1] + 2) * F32_EPS)
+            g = np.abs(G[self.candidates, 0])
+            # No float32 overflow in the squares, and weights that float32 holds to relative precision.
+            ok = (top <= SCREEN_MAX_ABS) & ((g == 0) | (g >= 2.0**-100))
+            self._screenable = torch.from_numpy(ok).to(self.device)
+        self._bound = screen_constants(F.shape[1])
         self.stats = TrackerStats()
 
     def _sq_dist(self, rows, E):
@@ -81,20 +84,21 @@ class TorchCentreTracker(Tracker):
             out[s : s + step] = (diff * diff).sum(dim=(1, 2))
         return out
 
-    def _screen_lb(self, rows, norms, E):
-        """Certified lower bounds on ‖x − c‖ from float32 arithmetic (see _kernels._screen_lb).
+    def _screened_out(self, rows, norms, D, E):
+        """Which rows float32 arithmetic proves at least √D away from the centre E (see
+        _kernels._screened_out for the bound).
 
-        x̂ = fl32(g)·f differs from the embedding g·f by at most ε‖x‖; the float32 sum of squares of
-        fl32(x̂) − fl32(c) is at most (1 + γ) times the square of the computed difference vector, which is
-        within ε′(‖x̂‖ + ‖x̂ − c32‖) of x̂ − c32.
+        Here x̂ = fl32(g)·f stands for the embedding: ‖fl64(g·f) − x̂‖ ≤ (ε32 + ε64)‖x‖ (g is a normal
+        float32 number or 0 for screenable rows), and c32 = fl32(c) with ‖c − c32‖ computed in float64.
         """
         import torch
 
+        gamma, tiny_sum, tiny_vec = self._bound
         c64 = E[0, :]
         c32 = c64.to(torch.float32)
         rc = float(torch.linalg.vector_norm(c64 - c32.to(torch.float64))) * (1 + 1e-6)
         eps1 = F32_EPS * (1 + F32_EPS)
-        out = torch.empty(rows.numel(), dtype=torch.float64, device=self.device)
+        out = torch.empty(rows.numel(), dtype=torch.bool, device=self.device)
         step = max(1, CHUNK_ELEMENTS // self._F.shape[1])
         g32 = self._G[:, 0].to(torch.float32)
         for s in range(0, rows.numel(), step):
@@ -102,11 +106,10 @@ class TorchCentreTracker(Tracker):
             diff = g32[r][:, None] * self._F[r] - c32
             t = (diff * diff).sum(dim=1).to(torch.float64)
             norm = norms[s : s + step]
-            # fl64(g·f) vs fl32(g)·f: relative error at most ε32 + ε64 per element.
-            r_s = F32_EPS * norm * (1 + 1e-6)
-            xhat = norm + r_s
-            uv = ((t / (1 + self._gamma)).sqrt() - eps1 * xhat) / (1 + eps1)
-            out[s : s + step] = uv - r_s - rc
+            r_s = (F32_EPS + 2.0**-53) * norm * (1 + 1e-6)
+            B = (1 + eps1) * ((D[s : s + step] * PRUNE_MARGIN).sqrt() + r_s + rc)
+            B = B + eps1 * (norm + 2 * r_s) + tiny_vec
+            out[s : s + step] = t >= (1 + gamma) * (B.square() + tiny_sum)
         return out
 
     def largest_norm(self) -> tuple[int, float]:
@@ -142,8 +145,8 @@ class TorchCentreTracker(Tracker):
             todo = todo & ~(gap2 >= self._D * PRUNE_MARGIN + slack)
         idx = torch.nonzero(todo).flatten()
         if idx.numel() and self.screen and float(E.abs().max()) <= SCREEN_MAX_ABS:
-            lb = self._screen_lb(self._cand[idx], self._norms[idx], E)
-            out = (lb > 0) & (lb.square() >= self._D[idx] * PRUNE_MARGIN) & self._screenable[idx]
+            out = self._screened_out(self._cand[idx], self._norms[idx], self._D[idx], E)
+            out &= self._screenable[idx]
             self.stats.screened += int(out.sum())
             idx = idx[~out]
         if idx.numel():
