@@ -4,7 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.uwe-installed
 
-.PHONY: venv test demo bench lint clean ls-venv ls-template chromium integrations
+# The peers' benchmark environment: separate from .venv, never a dependency of uwe.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.peers-installed
+
+.PHONY: venv test demo bench bench-env bench-peers lint clean ls-venv ls-template chromium integrations
 
 venv: $(STAMP)
 
@@ -51,8 +55,22 @@ lint: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
 
-bench: $(STAMP)
+bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/run.py
+
+# About 3 minutes and 6 GB (torch from the local index; fpsample compiles C++; torch-fps builds its
+# kernel on first use, cached in .venv-bench/torch_extensions).
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): benchmarks/peers-requirements.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
+	mkdir -p $(BENCH_VENV)/torch_extensions
+	touch $(BENCH_STAMP)
+
+bench-peers: $(STAMP) $(BENCH_STAMP)
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf demo-out bench-out $(LS_TEMPLATE)

@@ -14,6 +14,7 @@ HERE = Path(__file__).resolve().parent
 QUICK = os.environ.get("UWE_BENCH_QUICK", "") not in ("", "0")
 
 RUNS: list[list[str]] = [
+    ["peers.py", "--cases", "blobs-20k", "--peers", "torch-fps"] if QUICK else ["peers.py"],
     ["bench_select.py", "--cases", "small", "200k"] if QUICK else ["bench_select.py"],
     ["bench_classwise.py", "--pool", "bench-out/detection-100k.parquet", "--budget", "1000"],
     ["bench_extract_classification.py"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import re
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from uwe_cli.embedding import check_selection_options, normalize_uncertainty, un
 from uwe_cli.errors import ResourceError, SelectionError
 from uwe_cli.ids import read_id_file, rows_of
 from uwe_cli.pool import DetectionPool, PoolSource, UnitPool, open_pool
+from uwe_cli.selection.embedded import available_memory
+from uwe_cli.selection.small import is_small
 from uwe_cli.selection.strategies import SelectionProblem, Strategy, badge_weights, get_strategy
 from uwe_cli.selection.tracker import Progress, Tracker, tracker_class
 
@@ -56,17 +59,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def resolve_device(device: str) -> tuple[str, str]:
     """(backend, device): the numba CPU engine, or the torch engine on CUDA (auto picks CUDA when present)."""
     if device not in DEVICES:
@@ -83,6 +75,38 @@ def resolve_device(device: str) -> tuple[str, str]:
     if device == "cuda":
         raise ResourceError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return "numba", "cpu"
+
+
+def warm_up_dense_engine(labeled: int) -> threading.Thread:
+    """Load the compiled engine in the background while the pool is read.
+
+    Loading numba and its cached kernels is half a second of mostly Python work; Parquet decoding
+    releases the GIL, so the two overlap. Errors are left for the foreground to meet and report.
+    """
+
+    def load() -> None:
+        try:
+            from uwe_cli.selection.dense import warm_up
+
+            warm_up(labeled)
+        except Exception:  # pragma: no cover - the foreground meets the same error and reports it
+            pass
+
+    thread = threading.Thread(target=load, name="uwe-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def unit_engine(source: PoolSource, strat: Strategy, labeled: int, budget: int) -> str:
+    """The CPU engine for a pool: "numpy" for small unit-pool problems (no compiler to load), else "numba".
+
+    Decided from file metadata and the command's inputs only, so `--ray` workers make the same choice
+    and sum distances the same way as a local run (the batch files are byte-identical).
+    """
+    if source.kind != "unit" or strat.embedding is None:
+        return "numba"
+    k = (source.num_classes or 1000) if strat.embedding == "badge" else 1
+    return "numpy" if is_small(source.rows, source.feature_dim() * k, labeled + budget) else "numba"
 
 
 def check_memory(source: PoolSource, max_memory: int | None) -> int:
@@ -157,15 +181,22 @@ def _unit_problem(
             message = underflow_warning(u_norm[split.in_play], weights[split.in_play], opts["tau"])
             warnings += [message] if message else []
     capacity = split.labeled.size + opts["budget"]
+    handed_over = False
 
     def make_tracker(embedding: str) -> Tracker:
-        from uwe_cli.selection.dense import DenseEmbedding, as_weights
+        from uwe_cli.selection.embedded import DenseEmbedding, as_weights
 
+        nonlocal handed_over
+        if handed_over:  # the first engine may have reordered the rows in place
+            raise RuntimeError("the feature matrix was handed to a selection engine already")
+        handed_over = True
         G = weights if embedding == "uwe" else None
         if embedding == "badge":
             assert pool.probs is not None
             G = badge_weights(pool.probs)
-        dense = DenseEmbedding(pool.features, as_weights(G, pool.size))
+        # The pipeline does not read the features after selection: the engine may reorder them in place
+        # instead of copying them.
+        dense = DenseEmbedding(pool.features, as_weights(G, pool.size), True, opts["spare_bytes"])
         cls = tracker_class("unit", backend)
         return cls(dense, split.candidates, capacity, prune=opts["prune"], device=device)
 
@@ -240,10 +271,16 @@ def run_select(
     backend, device = resolve_device(device)
     source = open_pool(pools)
     get_strategy(strategy, source.kind)
-    check_memory(source, max_memory)
+    need = check_memory(source, max_memory)
+    limit = max_memory if max_memory is not None else available_memory()
+    spare = None if limit is None else max(0, limit - need)
     labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
     exclude_ids = read_id_file(exclude, "--exclude") if exclude else []
 
+    if backend == "numba":
+        backend = unit_engine(source, strat, len(labeled_ids), budget)
+        if backend == "numba" and source.kind == "unit" and strat.embedding is not None:
+            warm_up_dense_engine(len(labeled_ids))
     # A named uncertainty column is read (and validated) even by strategies that do not need one, so the
     # batch file reports it.
     need_uncertainty = strat.needs_uncertainty or uncertainty not in (None, "", "auto")
@@ -257,6 +294,7 @@ def run_select(
         "aggregate": aggregate,
         "prune": prune,
         "progress": progress,
+        "spare_bytes": spare,
     }
     build = _detection_problem if isinstance(pool, DetectionPool) else _unit_problem
     built = build(pool, split, strat, opts, backend, device)  # type: ignore[arg-type]

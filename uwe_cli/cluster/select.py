@@ -39,7 +39,7 @@ from uwe_cli.ids import read_id_file
 from uwe_cli.pool import PoolSource, open_pool
 from uwe_cli.pool.files import check_unique_ids
 from uwe_cli.schema import PASSTHROUGH_COLUMNS, check_ids
-from uwe_cli.select import SelectResult, human_bytes, resolve_split
+from uwe_cli.select import SelectResult, human_bytes, resolve_split, unit_engine
 from uwe_cli.selection.strategies import Strategy, badge_weights, get_strategy
 from uwe_cli.selection.tracker import Progress
 
@@ -152,7 +152,8 @@ class Shard:
                 G[: self.n] = badge
             self.G = G
             dense = DenseEmbedding(self.pool.features, G)
-            self.tracker = tracker_class("unit", "numba")(dense, candidates, capacity, prune=opts["prune"])
+            cls = tracker_class("unit", opts["engine"])
+            self.tracker = cls(dense, candidates, capacity, prune=opts["prune"])
         return {"lost": lost, "in_play": total_in_play}
 
     # -- centres
@@ -428,8 +429,20 @@ def run_select_ray(
             if on_actors is not None:
                 on_actors(actors)
             loop_started = time.perf_counter()
+            engine = unit_engine(source, strat, len(labeled_ids), budget)
             result = _select(
-                cluster, strat, split, shard_units, budget, seed, tau, normalize, aggregate, prune, progress
+                cluster,
+                strat,
+                split,
+                shard_units,
+                budget,
+                seed,
+                tau,
+                normalize,
+                aggregate,
+                prune,
+                engine,
+                progress,
             )
             loop_seconds = time.perf_counter() - loop_started
             stats = cluster.call("stats", [()] * len(specs))
@@ -488,6 +501,7 @@ def _select(
     normalize: str,
     aggregate: str,
     prune: bool,
+    engine: str,
     progress: Progress | None,
 ) -> tuple[np.ndarray, np.ndarray | None, list[float | None], list[dict[str, Any]], list[str]]:
     n_shards = len(shard_units)
@@ -498,7 +512,7 @@ def _select(
     found = cluster.call("bounds", [(m, normalize) for m in in_play])
     valid = [b for b in found if b is not None]
     bounds = (min(b[0] for b in valid), max(b[1] for b in valid)) if valid else None
-    opts = {"tau": tau, "normalize": normalize, "aggregate": aggregate, "prune": prune}
+    opts = {"tau": tau, "normalize": normalize, "aggregate": aggregate, "prune": prune, "engine": engine}
     infos = cluster.call(
         "prepare",
         [(in_play[k], candidates[k], bounds, strat.embedding, opts) for k in range(n_shards)],

@@ -77,10 +77,13 @@ def open_parquet(path: Path) -> pq.ParquetFile:
         raise PoolError(f"not a Parquet file: {path} ({_first_line(exc)})") from None
 
 
-def iter_batches(pf: pq.ParquetFile, path: Path, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of a file; corrupt pages become a PoolError naming the file."""
+def iter_batches(
+    pf: pq.ParquetFile, path: Path, columns: list[str], rows: int, row_groups: list[int] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of a file (or of some of its row groups); corrupt pages become a PoolError naming the
+    file."""
     try:
-        yield from pf.iter_batches(batch_size=rows, columns=columns)
+        yield from pf.iter_batches(batch_size=rows, columns=columns, row_groups=row_groups)
     except (pa.ArrowException, OSError) as exc:
         raise PoolError(f"{path}: unreadable Parquet data ({_first_line(exc)})") from None
 

@@ -6,6 +6,17 @@ BADGE uses K classes (G = p − onehot(ŷ)). The embedding is computed on the fl
 n × K·d matrix is ever stored and every distance equals the float64 reference bit for bit up to the
 order of summation. Distances are squared Euclidean, summed as direct differences (no
 ‖x‖² + ‖y‖² − 2x·y cancellation).
+
+Layout used by `dense.CentreTracker`:
+
+- *rows*: the candidates' feature rows `X` (float32) and weights `g` (float64), regrouped rarely (a
+  pass over the matrix).
+- *slots*: one record per candidate (D, nearest centre `near`, embedding norm, position `orig` in the
+  caller's candidate array, feature row `xrow`, and the int8 screen row `Q` with its scale `qa` and
+  error bound `qr`), kept in *buckets*: bucket a (centre a) is the slot range
+  ``start[a] : start[a] + count[a]``, sorted by D, largest first. Candidates that a new centre improves
+  are copied to the end (its new bucket); the slot they leave is dead (D = -1) until the slots are
+  compacted. A scan over a bucket, screen included, is therefore a sequential read.
 """
 
 from __future__ import annotations
@@ -13,32 +24,46 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# A new centre c cannot improve candidate i whose nearest centre is a when ‖c − a‖ ≥ 2·D(i)
+# A new centre c cannot improve candidate i whose nearest centre is a when ‖c − a‖ ≥ 2·√D(i)
 # (triangle inequality). On squared float64 values with relative error ~1e-13, this margin keeps
 # the test conservative: a candidate is skipped only when the bound holds with room to spare.
 PRUNE_MARGIN = 1.0 + 1e-9
+# Relative slack on |‖x‖ − ‖c‖|² for the norm bound: norms carry float64 rounding too.
+NORM_SLACK = 1e-12
+# Every float64 sum that becomes a distance runs in an order written out in the code (`_lanes`: eight
+# running lanes combined pairwise, then the tail), with no `fastmath`: with reassociation LLVM chose the
+# order, and a parallel kernel loaded from numba's cache summed differently from the same kernel freshly
+# compiled (last-bit differences between two runs of one command). The lanes keep the sums vectorisable.
+# Only the int8 screen, whose certified bound holds for any order and which decides no value (just whether
+# the exact distance is needed), may reassociate.
+FASTMATH = {"reassoc", "nsz"}
+# Distances are checked against their limit between blocks of this many features: the pass is
+# memory-bound, so finer checks only add branch misses. Fixed trip counts let LLVM vectorise.
 ABANDON_BLOCK = 128
-
-# Every sum below runs in an order written out in the code: eight running lanes, combined pairwise, then
-# the tail. No `fastmath` reassociation: with it, LLVM chose the order, and a parallel kernel loaded from
-# numba's cache summed differently from the same kernel freshly compiled (last-bit differences between
-# two runs of one command). The lanes keep the sums vectorisable without giving the compiler that freedom.
+# The int8 screen: each candidate's embedding as a32·q (q int8, one float32 scale a32 per row) with a
+# float32 upper bound r on ‖x − a32·q‖. A float32 distance to the centre, with the rounding bound in
+# `_screened_out`, proves most candidates out of reach from one byte per feature; exact float64 decides
+# the rest. Rows whose values could overflow float32 squares get r = ∞ (never decided by the screen).
+SCREEN_MAX_ABS = 1e15
+F32_EPS = 2.0**-24
+F32_TINY = 2.0**-126
 
 
 @njit(cache=True, inline="always")
-def _lanes_diff(g, F, r, E, k, j0, j1):  # pragma: no cover - compiled
-    """Σ_{j0≤j<j1} (g·F[r, j] − E[k, j])², in a fixed order."""
+def _lanes(ga, A, ra, gb, B, rb, j0, j1):  # pragma: no cover - compiled
+    """Σ_{j0≤j<j1} (ga·A[ra, j] − gb·B[rb, j])² in a fixed order (gb·B[rb, j] is the centre's float64
+    embedding value, the same product whether it is stored or formed here)."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
     j = j0
     while j + 8 <= j1:
-        t0 = g * F[r, j] - E[k, j]
-        t1 = g * F[r, j + 1] - E[k, j + 1]
-        t2 = g * F[r, j + 2] - E[k, j + 2]
-        t3 = g * F[r, j + 3] - E[k, j + 3]
-        t4 = g * F[r, j + 4] - E[k, j + 4]
-        t5 = g * F[r, j + 5] - E[k, j + 5]
-        t6 = g * F[r, j + 6] - E[k, j + 6]
-        t7 = g * F[r, j + 7] - E[k, j + 7]
+        t0 = ga * A[ra, j] - gb * B[rb, j]
+        t1 = ga * A[ra, j + 1] - gb * B[rb, j + 1]
+        t2 = ga * A[ra, j + 2] - gb * B[rb, j + 2]
+        t3 = ga * A[ra, j + 3] - gb * B[rb, j + 3]
+        t4 = ga * A[ra, j + 4] - gb * B[rb, j + 4]
+        t5 = ga * A[ra, j + 5] - gb * B[rb, j + 5]
+        t6 = ga * A[ra, j + 6] - gb * B[rb, j + 6]
+        t7 = ga * A[ra, j + 7] - gb * B[rb, j + 7]
         a0 += t0 * t0
         a1 += t1 * t1
         a2 += t2 * t2
@@ -50,40 +75,7 @@ def _lanes_diff(g, F, r, E, k, j0, j1):  # pragma: no cover - compiled
         j += 8
     s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
     while j < j1:
-        t = g * F[r, j] - E[k, j]
-        s += t * t
-        j += 1
-    return s
-
-
-@njit(cache=True, inline="always")
-def _lanes_pair(G, F, r, c, k, j0, j1):  # pragma: no cover - compiled
-    """Σ_{j0≤j<j1} (G[r, k]·F[r, j] − G[c, k]·F[c, j])², in a fixed order."""
-    gr = G[r, k]
-    gc = G[c, k]
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    j = j0
-    while j + 8 <= j1:
-        t0 = gr * F[r, j] - gc * F[c, j]
-        t1 = gr * F[r, j + 1] - gc * F[c, j + 1]
-        t2 = gr * F[r, j + 2] - gc * F[c, j + 2]
-        t3 = gr * F[r, j + 3] - gc * F[c, j + 3]
-        t4 = gr * F[r, j + 4] - gc * F[c, j + 4]
-        t5 = gr * F[r, j + 5] - gc * F[c, j + 5]
-        t6 = gr * F[r, j + 6] - gc * F[c, j + 6]
-        t7 = gr * F[r, j + 7] - gc * F[c, j + 7]
-        a0 += t0 * t0
-        a1 += t1 * t1
-        a2 += t2 * t2
-        a3 += t3 * t3
-        a4 += t4 * t4
-        a5 += t5 * t5
-        a6 += t6 * t6
-        a7 += t7 * t7
-        j += 8
-    s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-    while j < j1:
-        t = gr * F[r, j] - gc * F[c, j]
+        t = ga * A[ra, j] - gb * B[rb, j]
         s += t * t
         j += 1
     return s
@@ -91,26 +83,27 @@ def _lanes_pair(G, F, r, c, k, j0, j1):  # pragma: no cover - compiled
 
 @njit(cache=True, inline="always")
 def _sq_dist(G, F, r, E, limit):  # pragma: no cover - compiled
-    """‖G[r]⊗F[r] − E‖², stopping early once it reaches `limit` (the value is then only a lower bound)."""
-    s = 0.0
+    """‖G[r]⊗F[r] − E‖², stopping early once it reaches `limit` (the value is then only a lower bound).
+    E is a K × d float64 embedding, seen as K rows with weight 1."""
     d = F.shape[1]
+    s = 0.0
     for k in range(G.shape[1]):
-        g = G[r, k]
         for j0 in range(0, d, ABANDON_BLOCK):
-            s += _lanes_diff(g, F, r, E, k, j0, min(j0 + ABANDON_BLOCK, d))
+            s += _lanes(G[r, k], F, r, 1.0, E, k, j0, min(j0 + ABANDON_BLOCK, d))
             if s >= limit:
                 return s
     return s
 
 
 @njit(cache=True, inline="always")
-def _pair_sq_dist(G, F, r, c, limit):  # pragma: no cover - compiled
-    """‖G[r]⊗F[r] − G[c]⊗F[c]‖² with the same blocks and early stop as `_sq_dist`."""
+def _sq_dist_centre(g, X, r, Cg, CX, a, limit):  # pragma: no cover - compiled
+    """‖g[r]⊗X[r] − Cg[a]⊗CX[a]‖², summed exactly as `_sq_dist` with E = embed(Cg[a], CX[a]) (same
+    products, same order, bit for bit), stopping once it reaches `limit`."""
+    d = X.shape[1]
     s = 0.0
-    d = F.shape[1]
-    for k in range(G.shape[1]):
+    for k in range(g.shape[1]):
         for j0 in range(0, d, ABANDON_BLOCK):
-            s += _lanes_pair(G, F, r, c, k, j0, min(j0 + ABANDON_BLOCK, d))
+            s += _lanes(g[r, k], X, r, Cg[a, k], CX, a, j0, min(j0 + ABANDON_BLOCK, d))
             if s >= limit:
                 return s
     return s
@@ -127,81 +120,514 @@ def sq_norms(G, F, rows):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def centre_embedding(G, F, r):
-    """The float64 embedding of row r as a K × d matrix."""
-    E = np.empty((G.shape[1], F.shape[1]), dtype=np.float64)
-    for k in range(G.shape[1]):
-        for j in range(F.shape[1]):
-            E[k, j] = G[r, k] * F[r, j]
+def embed(g, f):
+    """The float64 embedding g ⊗ f of one row as a K × d matrix."""
+    E = np.empty((g.size, f.size), dtype=np.float64)
+    for k in range(g.size):
+        for j in range(f.size):
+            E[k, j] = g[k] * f[j]
     return E
 
 
 @njit(cache=True)
-def prune_candidates(G, F, D, near, centre_rows, new_id, E, prune, norms, centre_norm, scan, out):
-    """Positions of the live candidates (D > 0; picked ones hold -1) that the new centre E might improve.
-
-    Two bounds skip the rest: ‖x − c‖ ≥ |‖x‖ − ‖c‖| (in UWE space magnitude follows uncertainty), and
-    the triangle inequality through the candidate's nearest centre a: no improvement when
-    ‖c − a‖ ≥ 2·D(i). ‖c − a‖ is computed lazily, once per centre. Sequential on purpose: this O(n)
-    pass is memory-bound, and waking a thread team for it costs more than it saves on busy machines.
-    `scan` lists the positions to look at (a window of candidates ordered by norm, see CentreTracker).
-    """
-    cc2 = np.full(new_id, -1.0)
-    m = 0
-    for q in range(scan.size):
-        t = scan[q]
-        d = D[t]
-        if d <= 0.0:
+def permute_rows(A, perm, done):
+    """A[i] = A_old[perm[i]] for i < perm.size, in place, following cycles with one row of scratch."""
+    n = perm.size
+    done[:n] = False
+    tmp = np.empty(A.shape[1], dtype=A.dtype)
+    for i in range(n):
+        if done[i] or perm[i] == i:
+            done[i] = True
             continue
-        if prune:
-            gap = norms[t] - centre_norm
-            slack = 1e-12 * (norms[t] + centre_norm) * (norms[t] + centre_norm)
-            if gap * gap >= d * PRUNE_MARGIN + slack:
-                continue
-            a = near[t]
-            if a >= 0:
-                c = cc2[a]
-                if c < 0.0:
-                    c = _sq_dist(G, F, centre_rows[a], E, np.inf)
-                    cc2[a] = c
-                if c >= 4.0 * d * PRUNE_MARGIN:
-                    continue
-        out[m] = t
+        tmp[:] = A[i]
+        j = i
+        while True:
+            k = perm[j]
+            done[j] = True
+            if k == i:
+                A[j] = tmp
+                break
+            A[j] = A[k]
+            j = k
+
+
+@njit(parallel=True, cache=True)
+def gather_rows(src, rows, out):
+    """out[i] = src[rows[i]] (float32 rows), without numpy's temporary."""
+    d = src.shape[1]
+    for i in prange(rows.size):
+        r = rows[i]
+        for j in range(d):
+            out[i, j] = src[r, j]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def build_screen(g, X, Q, qa, qr):
+    """Quantise every row's embedding g·x (K = 1) to int8 with a per-row scale and a certified error."""
+    d = X.shape[1]
+    for r in prange(X.shape[0]):
+        w = g[r, 0]
+        top = 0.0
+        for j in range(d):
+            v = abs(w * X[r, j])
+            if v > top:
+                top = v
+        a = np.float32(top / 127.0)
+        if top == 0.0 or top > SCREEN_MAX_ABS or a == 0.0:
+            for j in range(d):
+                Q[r, j] = 0
+            qa[r] = 0.0
+            qr[r] = 0.0 if top == 0.0 else np.inf
+            continue
+        a64 = np.float64(a)
+        inv = 1.0 / a64
+        err = 0.0
+        for j in range(d):
+            e = w * X[r, j]
+            q = min(max(np.round(e * inv), -127.0), 127.0)
+            Q[r, j] = np.int8(q)
+            diff = e - a64 * q  # a64·q is exact in float64 (24 + 8 significant bits)
+            err += diff * diff
+        bound = np.sqrt(err) * (1.0 + 1e-9) + 1e-300
+        r32 = np.float32(bound)
+        if np.float64(r32) < bound:
+            r32 = np.nextafter(r32, np.float32(np.inf))
+        qa[r] = a
+        qr[r] = r32
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _screen_sq(Q, qa, s, c32):
+    """Σ (a32·q_j − c_j)² in float32 for slot s."""
+    a = qa[s]
+    q = Q[s]
+    t = np.float32(0.0)
+    for j in range(q.size):
+        diff = a * np.float32(q[j]) - c32[j]
+        t += diff * diff
+    return t
+
+
+def screen_constants(dim: int) -> tuple[float, float, float]:
+    """(γ, A, η√d) of `_screened_out` for `dim` features: the relative error of a float32 sum of dim + 2
+    rounded terms, and the absolute errors a float32 result near zero can carry (2^-126 per operation,
+    which holds with gradual underflow and with flush-to-zero alike) in the sum and in the difference
+    vector."""
+    terms = dim + 2
+    gamma = terms * F32_EPS / (1.0 - terms * F32_EPS)
+    return gamma, (2 * dim + 2) * F32_TINY, 3.0 * F32_TINY * np.sqrt(dim)
+
+
+@njit(cache=True, inline="always")
+def _screened_out(t, d, norm_s, r_s, rc, bound):
+    """True when the float32 screen value t proves ‖x − c‖² ≥ d (with the pruning margin).
+
+    Float32 operations err by at most ε·|result| + η (ε = 2^-24, η = 2^-126). So the computed
+    t ≤ (1 + γ)(‖δ‖² + A), δ being the computed difference vector, and
+    ‖δ − (a·q − c32)‖ ≤ ε′(‖a·q‖ + ‖a·q − c32‖) + η√d with ε′ = ε(1 + ε) and ‖a·q‖ ≤ ‖x‖ + r. With
+    ‖x − c‖ ≥ ‖a·q − c32‖ − r − ‖c − c32‖, ‖x − c‖ ≥ √(d·margin) holds when t ≥ (1 + γ)(B² + A) with
+    B = (1 + ε′)(√(d·margin) + r + rc) + ε′(‖x‖ + r) + η√d. No division on the hot path.
+    """
+    gamma, tiny_sum, tiny_vec = bound
+    eps1 = F32_EPS * (1.0 + F32_EPS)
+    B = (1.0 + eps1) * (np.sqrt(d * PRUNE_MARGIN) + r_s + rc) + eps1 * (norm_s + r_s) + tiny_vec
+    return np.float64(t) >= (1.0 + gamma) * (B * B + tiny_sum)
+
+
+@njit(cache=True)
+def reach(Cg, CX, Cnorm, k, E, cnorm, count, maxD, prune, orphan, out_b, out_cc):
+    """Buckets a new centre (embedding E, norm `cnorm`) might touch, with ‖c − a‖² for each.
+
+    Bucket a is out of reach when ‖c − a‖ ≥ 2·√max D(a): by the triangle inequality no member can get
+    closer to c than to a. The norm bound |‖c‖ − ‖a‖| ≤ ‖c − a‖ avoids most distance computations;
+    distances are abandoned as soon as they clear the bound. The orphan bucket (candidates without a
+    centre yet, D = ∞) is always in reach, with ‖c − a‖ = 0 (no pruning).
+    """
+    m = 0
+    if count[orphan] > 0:
+        out_b[m] = orphan
+        out_cc[m] = 0.0
+        m += 1
+    for a in range(k):
+        if count[a] == 0:
+            continue
+        md = maxD[a]
+        if md <= 0.0:  # every live member sits on its centre (or none is live): nothing to improve
+            continue
+        if not prune:
+            out_b[m] = a
+            out_cc[m] = 0.0
+            m += 1
+            continue
+        limit = 4.0 * md * PRUNE_MARGIN
+        gap = Cnorm[a] - cnorm
+        slack = NORM_SLACK * (Cnorm[a] + cnorm) * (Cnorm[a] + cnorm)
+        if gap * gap >= limit + slack:
+            continue
+        cc = _sq_dist(Cg, CX, a, E, limit)
+        if cc >= limit:
+            continue
+        out_b[m] = a
+        out_cc[m] = cc
         m += 1
     return m
 
 
 @njit(cache=True)
-def lower_distances(G, F, cand, D, near, todo, m, new_id, E):
-    """D(i) = min(D(i), ‖x_i − E‖²) for the listed positions (one thread)."""
+def collect(start, count, buckets, nb, cc_of, D, todo):
+    """The live slots of the buckets in reach that the new centre might improve.
+
+    Buckets are sorted by D, largest first, so the triangle test ‖c − a‖² ≥ 4·D(i) holds for every
+    member after the first one it holds for: the scan of a bucket stops there.
+    """
+    q = 0
+    for r in range(nb):
+        a = buckets[r]
+        limit = cc_of[a]
+        for s in range(start[a], start[a] + count[a]):
+            d = D[s]
+            if d < 0.0:  # dead slot
+                continue
+            if limit >= 4.0 * d * PRUNE_MARGIN:
+                break
+            todo[q] = s
+            q += 1
+    return q
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _triage(norms, D, near, cc_of, s, cnorm, prune, Q, qa, qr, c32, rc, bound, screen):
+    """0: a bound proves the new centre cannot improve slot s; 1: the int8 screen proves it; 2: only an
+    exact distance can tell. `cc_of[a]` is ‖c − a‖² for the bucket a the slot belongs to (0 for the
+    orphan bucket: no pruning)."""
+    d = D[s]
+    if d <= 0.0:  # on a centre already
+        return 0
+    if not prune:
+        return 2
+    a = near[s]
+    cc = cc_of[a] if a >= 0 else 0.0
+    if cc >= 4.0 * d * PRUNE_MARGIN:
+        return 0
+    gap = norms[s] - cnorm
+    slack = NORM_SLACK * (norms[s] + cnorm) * (norms[s] + cnorm)
+    if gap * gap >= d * PRUNE_MARGIN + slack:
+        return 0
+    if screen and _screened_out(_screen_sq(Q, qa, s, c32), d, norms[s], np.float64(qr[s]), rc, bound):
+        return 1
+    return 2
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def triage(norms, D, near, cc_of, todo, m, cnorm, prune, Q, qa, qr, c32, rc, bound, screen, flags):
+    """flags[q] = `_triage` of slot todo[q] (one thread). Kept apart from the exact distances: a loop
+    holding both compiles to slower code for each."""
     for q in range(m):
-        t = todo[q]
-        s = _sq_dist(G, F, cand[t], E, D[t])
-        if s < D[t]:
-            D[t] = s
-            near[t] = new_id
+        flags[q] = _triage(norms, D, near, cc_of, todo[q], cnorm, prune, Q, qa, qr, c32, rc, bound, screen)
 
 
-@njit(parallel=True, cache=True)
-def lower_distances_parallel(G, F, cand, D, near, todo, m, new_id, E):
-    """As `lower_distances`, across all threads (positions are distinct, so writes never collide)."""
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def triage_parallel(norms, D, near, cc_of, todo, m, cnorm, prune, Q, qa, qr, c32, rc, bound, screen, flags):
+    """As `triage`, across all threads."""
     for q in prange(m):
-        t = todo[q]
-        s = _sq_dist(G, F, cand[t], E, D[t])
-        if s < D[t]:
-            D[t] = s
-            near[t] = new_id
+        flags[q] = _triage(norms, D, near, cc_of, todo[q], cnorm, prune, Q, qa, qr, c32, rc, bound, screen)
+
+
+@njit(cache=True)
+def keep_exact(todo, m, flags):
+    """Move the slots flagged 2 to the front of `todo`; returns (how many, how many the screen decided)."""
+    w = 0
+    screened = 0
+    for q in range(m):
+        f = flags[q]
+        if f == 2:
+            todo[w] = todo[q]
+            w += 1
+        elif f == 1:
+            screened += 1
+    return w, screened
+
+
+@njit(cache=True)
+def lower_exact(g, X, xrow, D, near, todo, m, E, new_id):
+    """D = min(D, exact float64 distance to E) for the listed slots (one thread); returns how many improved."""
+    improved = 0
+    for q in range(m):
+        s = todo[q]
+        d = D[s]
+        v = _sq_dist(g, X, xrow[s], E, d)
+        if v < d:
+            D[s] = v
+            near[s] = new_id
+            improved += 1
+    return improved
 
 
 @njit(parallel=True, cache=True)
-def nearest_exact(G, F, cand, centres, D, near):  # pragma: no cover - compiled
-    """Exact nearest centre for each candidate by a full scan (fallback and reference path)."""
-    for t in prange(cand.size):
+def lower_exact_parallel(g, X, xrow, D, near, todo, m, E, new_id):
+    """As `lower_exact`, across all threads (slots are distinct, so writes never collide)."""
+    improved = 0
+    for q in prange(m):
+        s = todo[q]
+        d = D[s]
+        v = _sq_dist(g, X, xrow[s], E, d)
+        if v < d:
+            D[s] = v
+            near[s] = new_id
+            improved += 1
+    return improved
+
+
+@njit(cache=True, inline="always")
+def _better(d, s, best, bs, orig):
+    """Is slot s (distance d) a better argmax than bs (distance best)? Ties go to the earlier candidate."""
+    return d > best or (d == best and bs >= 0 and orig[s] < orig[bs])
+
+
+@njit(cache=True)
+def bucket_top(start, count, maxD, argslot, orig, D, a):
+    """Drop bucket a's leading dead slots; its largest live D is then its first live slot (among ties:
+    the earliest candidate)."""
+    while count[a] > 0 and D[start[a]] < 0.0:
+        start[a] += 1
+        count[a] -= 1
+    best = -1.0
+    bs = -1
+    for s in range(start[a], start[a] + count[a]):
+        d = D[s]
+        if d < 0.0:
+            continue
+        if bs >= 0 and d < best:
+            break
+        if _better(d, s, best, bs, orig):
+            best = d
+            bs = s
+    maxD[a] = best
+    argslot[a] = bs
+
+
+@njit(cache=True, inline="always")
+def _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, src, dst):
+    """Copy slot src's record to slot dst."""
+    D[dst] = D[src]
+    near[dst] = near[src]
+    norms[dst] = norms[src]
+    orig[dst] = orig[src]
+    xrow[dst] = xrow[src]
+    slot_of[orig[src]] = dst
+    if screen:
+        Q[dst] = Q[src]
+        qa[dst] = qa[src]
+        qr[dst] = qr[src]
+
+
+@njit(cache=True)
+def _sort_range(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, lo, hi):
+    """Sort the records of slots lo:hi by D, largest first (dead slots last)."""
+    size = hi - lo
+    keys = np.empty(size, dtype=np.float64)
+    for j in range(size):
+        keys[j] = -D[lo + j]
+    order = np.argsort(keys)
+    D[lo:hi] = D[lo:hi][order]
+    near[lo:hi] = near[lo:hi][order]
+    norms[lo:hi] = norms[lo:hi][order]
+    orig[lo:hi] = orig[lo:hi][order]
+    xrow[lo:hi] = xrow[lo:hi][order]
+    for j in range(lo, hi):
+        if D[j] >= 0.0:  # the orphan range may hold picked (dead) slots
+            slot_of[orig[j]] = j
+    if screen:
+        permute_rows(Q[lo:hi], order, np.empty(size, dtype=np.bool_))
+        qa[lo:hi] = qa[lo:hi][order]
+        qr[lo:hi] = qr[lo:hi][order]
+
+
+@njit(cache=True)
+def apply(
+    start,
+    count,
+    maxD,
+    argslot,
+    D,
+    near,
+    norms,
+    orig,
+    xrow,
+    slot_of,
+    Q,
+    qa,
+    qr,
+    screen,
+    buckets,
+    nb,
+    todo,
+    m,
+    used,
+    new_id,
+    orphan,
+):
+    """Move the slots the new centre improved to its bucket (appended at `used`, sorted by D) and mark the
+    slots they leave dead; recompute the largest D of every bucket touched. Returns the new end."""
+    end = used
+    if nb == 1 and buckets[0] == orphan:
+        # The first centre takes every candidate: relabel the orphan range in place.
+        used = start[orphan]
+        tail = used + count[orphan]
+        count[orphan] = 0
+    else:
+        tail = used
+        for q in range(m):
+            s = todo[q]
+            if near[s] == new_id:
+                _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, s, tail)
+                D[s] = -1.0
+                tail += 1
+        end = tail
+    if tail - used > 1:
+        _sort_range(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, used, tail)
+    start[new_id] = used
+    count[new_id] = tail - used
+    for r in range(nb):
+        bucket_top(start, count, maxD, argslot, orig, D, buckets[r])
+    bucket_top(start, count, maxD, argslot, orig, D, new_id)
+    return end
+
+
+@njit(cache=True)
+def best_bucket(maxD, argslot, count, orig, k, orphan):
+    """The slot of largest D over all buckets (ties: the earliest candidate); -1 when none is live."""
+    best = -1.0
+    bs = -1
+    for a in range(k):
+        if count[a] > 0 and argslot[a] >= 0 and _better(maxD[a], argslot[a], best, bs, orig):
+            best = maxD[a]
+            bs = argslot[a]
+    if count[orphan] > 0 and argslot[orphan] >= 0 and _better(maxD[orphan], argslot[orphan], best, bs, orig):
+        bs = argslot[orphan]
+    return bs
+
+
+@njit(cache=True)
+def compact(
+    start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, nbuckets, new_id
+):
+    """Squeeze the dead slots out, keeping every bucket's order. Buckets are taken in the order they sit
+    in, so every live slot moves left (never over one not yet moved).
+
+    With new_id ≥ 0, the slots a new centre improved (near == new_id, still in their old buckets) are set
+    aside and appended after the others as bucket new_id, sorted by D: the way to apply a centre that
+    moves more candidates than the spare room holds. Returns the new end.
+    """
+    ids = np.empty(nbuckets, dtype=np.int64)
+    m = 0
+    for a in range(nbuckets):
+        if count[a] > 0 and a != new_id:
+            ids[m] = a
+            m += 1
+    starts = np.empty(m, dtype=np.int64)
+    for i in range(m):
+        starts[i] = start[ids[i]]
+    by_pos = ids[:m][np.argsort(starts)]
+    moved = 0
+    if new_id >= 0:
+        for a in by_pos:
+            for s in range(start[a], start[a] + count[a]):
+                if D[s] >= 0.0 and near[s] == new_id:
+                    moved += 1
+    aside = np.empty(moved, dtype=np.int64)
+    aD = np.empty(moved)
+    anear = np.empty(moved, dtype=near.dtype)
+    anorm = np.empty(moved)
+    aorig = np.empty(moved, dtype=orig.dtype)
+    axrow = np.empty(moved, dtype=xrow.dtype)
+    aQ = np.empty((moved if screen else 0, Q.shape[1]), dtype=Q.dtype)
+    aqa = np.empty(moved, dtype=qa.dtype)
+    aqr = np.empty(moved, dtype=qr.dtype)
+    w = 0
+    j = 0
+    for a in by_pos:
+        first = w
+        for s in range(start[a], start[a] + count[a]):
+            if D[s] < 0.0:
+                continue
+            if new_id >= 0 and near[s] == new_id:
+                aside[j] = s
+                aD[j] = D[s]
+                anear[j] = near[s]
+                anorm[j] = norms[s]
+                aorig[j] = orig[s]
+                axrow[j] = xrow[s]
+                if screen:
+                    aQ[j] = Q[s]
+                    aqa[j] = qa[s]
+                    aqr[j] = qr[s]
+                j += 1
+                continue
+            if s != w:
+                _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, s, w)
+            w += 1
+        start[a] = first
+        count[a] = w - first
+        bucket_top(start, count, maxD, argslot, orig, D, a)
+    if new_id >= 0:
+        first = w
+        for i in np.argsort(-aD):
+            D[w] = aD[i]
+            near[w] = anear[i]
+            norms[w] = anorm[i]
+            orig[w] = aorig[i]
+            xrow[w] = axrow[i]
+            slot_of[aorig[i]] = w
+            if screen:
+                Q[w] = aQ[i]
+                qa[w] = aqa[i]
+                qr[w] = aqr[i]
+            w += 1
+        start[new_id] = first
+        count[new_id] = w - first
+        bucket_top(start, count, maxD, argslot, orig, D, new_id)
+    return w
+
+
+@njit(parallel=True, cache=True)
+def refine_knn(g, X, rows, Cg, CX, knn_idx, knn_sq32, tol, D, near, unsure):
+    """Exact float64 nearest centre among FAISS's k float32 neighbours of each row; flag rows where a
+    centre beyond them could be nearer.
+
+    Neighbours come sorted by float32 distance and every float32 value is within `tol[t]` of the true one,
+    so the scan stops at the first neighbour whose float32 distance minus tol exceeds the exact best so far.
+    Centres outside the k returned have float32 squared distance ≥ knn_sq32[t, -1]; when that minus tol
+    does not clear the exact best, the row is flagged for a full exact scan.
+    """
+    kk = knn_idx.shape[1]
+    full = kk >= CX.shape[0]
+    for t in prange(rows.size):
+        r = rows[t]
         best = np.inf
         arg = -1
-        r = cand[t]
-        for a in range(centres.size):
-            s = _pair_sq_dist(G, F, r, centres[a], best)
+        for q in range(kk):
+            a = knn_idx[t, q]
+            if a < 0 or knn_sq32[t, q] - tol[t] > best:
+                break
+            s = _sq_dist_centre(g, X, r, Cg, CX, a, np.inf)
+            if s < best or (s == best and a < arg):
+                best = s
+                arg = a
+        D[t] = best
+        near[t] = arg
+        unsure[t] = (not full) and (knn_sq32[t, kk - 1] - tol[t] <= best)
+
+
+@njit(parallel=True, cache=True)
+def nearest_centre(g, X, rows, Cg, CX, D, near):
+    """Exact nearest centre of each row by a full scan over the centres (ties: the lower centre index)."""
+    for t in prange(rows.size):
+        r = rows[t]
+        best = np.inf
+        arg = -1
+        for a in range(CX.shape[0]):
+            s = _sq_dist_centre(g, X, r, Cg, CX, a, best)
             if s < best:
                 best = s
                 arg = a
@@ -209,28 +635,8 @@ def nearest_exact(G, F, cand, centres, D, near):  # pragma: no cover - compiled
         near[t] = arg
 
 
-@njit(parallel=True, cache=True)
-def refine_knn(G, F, cand, centres, knn_idx, knn_sq32, tol, D, near, unsure):
-    """Exact float64 minimum over FAISS's k float32 neighbours; flag rows where a farther centre could win.
-
-    Centres outside the k returned have float32 squared distance ≥ knn_sq32[t, -1]; their true value is at
-    least that minus `tol[t]`. When that lower bound does not clear the exact minimum, the row is flagged
-    for a full exact scan.
-    """
-    kk = knn_idx.shape[1]
-    full = kk >= centres.size
-    for t in prange(cand.size):
-        r = cand[t]
-        best = np.inf
-        arg = -1
-        for q in range(kk):
-            a = knn_idx[t, q]
-            if a < 0:
-                continue
-            s = _pair_sq_dist(G, F, r, centres[a], np.inf)
-            if s < best or (s == best and a < arg):
-                best = s
-                arg = a
-        D[t] = best
-        near[t] = arg
-        unsure[t] = (not full) and (knn_sq32[t, kk - 1] - tol[t] <= best)
+@njit(cache=True)
+def install(start, count, maxD, argslot, orig, D, nbuckets):
+    """Bucket ranges and tops once slots are grouped by nearest centre (the labeled init)."""
+    for a in range(nbuckets):
+        bucket_top(start, count, maxD, argslot, orig, D, a)

@@ -1,41 +1,50 @@
 """The dense engine: uwe(x) = G[x] ⊗ F[x] rows, nearest-centre distances kept exactly in float64 (numba).
 
-`CentreTracker` keeps, for each candidate, the squared distance D to its nearest centre and which
-centre that is. Adding a centre updates D exactly while skipping, by the triangle inequality and a
-norm bound, every candidate the new centre cannot improve. The result is the same D as a full pass;
-only the work differs.
+`CentreTracker` keeps, for each candidate, the squared distance D to its nearest centre, and for each
+centre the list of candidates it is nearest to (its bucket) with their largest D. A new centre c only
+visits buckets within reach (‖c − a‖ < 2·√max D(a), triangle inequality), and inside them skips, by
+the same inequality and a norm bound, every candidate it cannot improve; the rest get an exact float64
+distance. The result is the same D as a full pass; only the work differs.
+
+Candidates live in *slots*: the tracker's own copy of their features (or the caller's matrix permuted
+in place, when the caller hands it over), regrouped by bucket from time to time so that the members of
+a bucket are read from contiguous memory.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from uwe_cli.selection import _kernels as kern
+from uwe_cli.selection.embedded import DenseEmbedding, as_weights, available_memory
 from uwe_cli.selection.greedy import KCGResult, k_center_greedy, kmeanspp_seeding
 from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats, tracker_class
+
+__all__ = ["CentreTracker", "DenseEmbedding", "as_weights", "dense_kcg", "dense_kmeanspp", "dense_tracker"]
 
 KNN_NEIGHBOURS = 16
 # Below this many multiply-adds an update runs on one thread: starting a thread team costs ~0.1 ms on
 # an idle machine and many milliseconds on a loaded one.
 PARALLEL_MIN_WORK = 4_000_000
 SEARCH_CHUNK_ROWS = 65_536
-
-
-class DenseEmbedding(NamedTuple):
-    """Embedding rows as the outer product G[r] ⊗ F[r]: float32 features (n, d), float64 weights (n, K)."""
-
-    features: np.ndarray
-    weights: np.ndarray
-
-
-def as_weights(G: np.ndarray | None, n: int) -> np.ndarray:
-    """Weights as the (n, K) float64 matrix the kernels expect; None means unweighted (CoreSet)."""
-    if G is None:
-        return np.ones((n, 1), dtype=np.float64)
-    G = np.asarray(G, dtype=np.float64)
-    return np.ascontiguousarray(G.reshape(n, -1))
+# Slots are regrouped by bucket when the number of centres reaches 32, 128, 512, ... (each regrouping
+# is one pass over the features), if the features are large enough for locality to matter.
+RELAYOUT_FIRST = 32
+RELAYOUT_FACTOR = 4
+RELAYOUT_MIN_ELEMENTS = 1 << 22
+# Spare slots, as a fraction of the candidates: room to append improved candidates to their new bucket
+# before the dead slots they leave must be squeezed out.
+SPARE_SLOTS = 0.5
+# Labeled centres are inserted farthest-first (spread-out centres first keep later reach small); the
+# order is computed by K-Center-Greedy over at most this many of them, the rest follow in row order.
+FARTHEST_FIRST_MAX = 4096
+# The int8 screen (see _kernels.build_screen) costs a byte per feature and slot (about 0.3× the float32
+# matrix). It is built for unweighted or scalar-weighted embeddings (K = 1) with at least SCREEN_MIN_DIM
+# features, when it fits in the spare memory and is at most SCREEN_MAX_BYTES: larger pools stay lean
+# (peak memory about 1.3× the matrix), and by then pruning does most of the work anyway.
+SCREEN_MIN_DIM = 256
+SCREEN_MAX_BYTES = 512 << 20
+SCREEN = True
 
 
 def _embed32(G: np.ndarray, F: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -66,153 +75,397 @@ class CentreTracker(Tracker):
         prune: bool = True,
         device: str = "cpu",
     ) -> None:
-        self.F = np.ascontiguousarray(embedding.features)
-        self.G = as_weights(embedding.weights, self.F.shape[0])
+        F = np.ascontiguousarray(embedding.features, dtype=np.float32)
+        G = as_weights(embedding.weights, F.shape[0])
         candidates = np.ascontiguousarray(candidates, dtype=np.int64)
         self.candidates = candidates
-        self.sq_norms = kern.sq_norms(self.G, self.F, candidates)
-        # Internally candidates are kept in order of embedding norm: a centre c can only improve i when
-        # |‖x_i‖ − ‖c‖| < √D(i) ≤ √max D, so each update scans one contiguous, cache-friendly slice.
-        # Positions in the public API (argmax, take, distances) stay those of `candidates`.
-        self._orig = np.argsort(self.sq_norms, kind="stable")
-        self._pos = np.empty_like(self._orig)
-        self._pos[self._orig] = np.arange(self._orig.size)
-        self.cand = candidates[self._orig]
-        self.norms = np.sqrt(self.sq_norms[self._orig])
-        self._positions = np.arange(self.cand.size, dtype=np.int64)
-        self.D = np.full(self.cand.size, np.inf, dtype=np.float64)
-        self.near = np.full(self.cand.size, -1, dtype=np.int32)
-        self.centre_rows = np.empty(max(capacity, 1), dtype=np.int64)
+        n = candidates.size
+        self.n = n
+        K, d = G.shape[1], F.shape[1]
+        idx = np.int32 if n < 2**31 - 1 else np.int64
+        sq = kern.sq_norms(G, F, candidates)
+        # Rows and slots start in norm order: a first, coarse locality for the first centres.
+        order = np.argsort(sq, kind="stable").astype(idx)
+        rows = candidates[order]
+        self._owned = bool(embedding.reorder) and F is embedding.features and F.flags.writeable
+        if self._owned:
+            # Candidates (in slot order) to the front, other rows after them in row order.
+            rest = np.setdiff1d(np.arange(F.shape[0]), candidates, assume_unique=True)
+            kern.permute_rows(F, np.concatenate([rows, rest]), np.empty(F.shape[0], dtype=np.bool_))
+            del rest
+            self.X = F[:n]
+        else:
+            self.X = np.empty((n, d), dtype=np.float32)
+            kern.gather_rows(F, rows, self.X)
+        self.g = np.ascontiguousarray(G[rows])
+        del rows
+        self._F = F
+        self._G = G
+        self.rowpos = np.empty(n, dtype=idx)  # position in `candidates` -> feature row
+        self.rowpos[order] = np.arange(n, dtype=idx)
+        # Slots: room for half the candidates again, so improved candidates can be appended to their
+        # new bucket; the dead slots they leave are squeezed out when the room runs out.
+        cap_slots = n + int(n * SPARE_SLOTS) + 64
+        self.D = np.full(cap_slots, -1.0)
+        self.D[:n] = np.inf
+        self.near = np.full(cap_slots, -1, dtype=idx)
+        self.norms = np.zeros(cap_slots)
+        self.norms[:n] = np.sqrt(sq[order])
+        del sq
+        self.orig = np.zeros(cap_slots, dtype=idx)  # slot -> position in `candidates`
+        self.orig[:n] = order
+        self.xrow = np.zeros(cap_slots, dtype=idx)  # slot -> feature row
+        self.xrow[:n] = np.arange(n, dtype=idx)
+        self.slot_of = self.rowpos.copy()  # position -> slot (-1 once picked)
+        del order
+        self.used = n
+        cap = max(int(capacity), 1)
+        self.capacity = cap
+        self.orphan = cap  # bucket of candidates without a centre yet
+        self.start = np.zeros(cap + 1, dtype=np.int64)
+        self.count = np.zeros(cap + 1, dtype=np.int64)
+        self.maxD = np.full(cap + 1, -1.0)
+        self.argslot = np.full(cap + 1, -1, dtype=np.int64)
+        if n:
+            self.count[self.orphan] = n
+            kern.bucket_top(self.start, self.count, self.maxD, self.argslot, self.orig, self.D, self.orphan)
+        self._todo = np.empty(n, dtype=idx)
+        self._flags = np.empty(n, dtype=np.int8)
+        self._reach = np.empty(cap + 1, dtype=np.int64)
+        self._reach_cc = np.empty(cap + 1, dtype=np.float64)
+        self._cc = np.zeros(cap + 1, dtype=np.float64)
+        self._dirty: set[int] = set()
+        self.CX = np.empty((cap, d), dtype=np.float32)
+        self.Cg = np.empty((cap, K), dtype=np.float64)
+        self.Cnorm = np.empty(cap, dtype=np.float64)
+        self.centre_rows = np.empty(cap, dtype=np.int64)
         self.k = 0
         self.prune = prune
-        self.use_faiss = True  # False: exact full scan for the labeled set (tests)
-        self._todo = np.empty(self.cand.size, dtype=np.int64)
+        self.use_faiss = True  # kept for callers; the labeled set is inserted exactly like picks
         self.taken = 0
+        self._next_relayout = RELAYOUT_FIRST
         self.stats = TrackerStats()
+        self.screen = bool(SCREEN and prune and K == 1 and d >= SCREEN_MIN_DIM and n)
+        if self.screen:
+            need = cap_slots * (d + 8)
+            spare = embedding.spare_bytes
+            if spare is None:
+                avail = available_memory()
+                spare = need if avail is None else avail // 2
+            self.screen = need <= min(spare, SCREEN_MAX_BYTES)
+        if self.screen:
+            # Screen rows live in slots (rows and slots coincide now): a bucket scan reads them in order.
+            self.Q = np.empty((cap_slots, d), dtype=np.int8)
+            self.qa = np.zeros(cap_slots, dtype=np.float32)
+            self.qr = np.zeros(cap_slots, dtype=np.float32)
+            kern.build_screen(self.g, self.X, self.Q[:n], self.qa[:n], self.qr[:n])
+        else:
+            self.Q = np.zeros((1, 1), dtype=np.int8)
+            self.qa = np.zeros(1, dtype=np.float32)
+            self.qr = np.zeros(1, dtype=np.float32)
+        self._bound = kern.screen_constants(d)
+
+    # -- rows of the pool --------------------------------------------------------------------------
+
+    def _row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 features, float64 weights) of pool row `row`, wherever it now lives."""
+        p = int(np.searchsorted(self.candidates, row))
+        if p < self.n and self.candidates[p] == row:
+            r = self.rowpos[p]
+            return self.X[r], self.g[r]
+        if self._owned:  # other rows sit after the candidates, in row order
+            return self._F[self.n + row - p], self._G[row]
+        return self._F[row], self._G[row]
+
+    # -- Tracker interface -------------------------------------------------------------------------
 
     def largest_norm(self) -> tuple[int, float]:
-        t = int(np.argmax(self.sq_norms))
-        return t, float(self.sq_norms[t])
+        sq = kern.sq_norms(self.g, self.X, self.rowpos.astype(np.int64))
+        t = int(np.argmax(sq))
+        return t, float(sq[t])
 
     def init_centres(self, rows: np.ndarray) -> None:
         """Start from a set of centres (the labeled rows): exact nearest-centre distance for every candidate.
 
-        FAISS's float32 k-NN proposes neighbours; distances are recomputed exactly in float64 and rows whose
-        true nearest centre might lie beyond the k proposed are scanned in full.
+        Many labeled rows: FAISS's float32 k-NN proposes neighbours, distances are recomputed exactly in
+        float64, and rows whose true nearest centre might lie beyond the k proposed are scanned in full;
+        the candidates are then grouped into the labeled centres' buckets. Few rows (or no FAISS): they
+        are inserted one by one like picks, farthest-first, so early centres spread over the pool.
         """
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         L = rows.size
         if L == 0:
             return
-        self.centre_rows[:L] = rows
-        self.k = L
         faiss = _faiss() if self.use_faiss else None
-        if faiss is None or L <= KNN_NEIGHBOURS:
-            kern.nearest_exact(self.G, self.F, self.cand, rows, self.D, self.near)
-            self.stats.evaluated += self.cand.size * L
-            self.stats.possible += self.cand.size * L
+        fresh = self.k == 0 and self.taken == 0 and self.n > 0
+        if faiss is None or L <= KNN_NEIGHBOURS or not fresh:
+            for row in self._farthest_first(rows):
+                self.add(int(row))
             return
-        emb_lab = _embed32(self.G, self.F, rows)
+        self._knn_init(rows, faiss)
+
+    def _knn_init(self, rows: np.ndarray, faiss) -> None:
+        L, n = rows.size, self.n
+        if self.capacity < L:
+            raise ValueError(f"more centres than the capacity ({self.capacity}) given to the tracker")
+        for i, r in enumerate(rows):
+            self.CX[i], self.Cg[i] = self._row(int(r))
+        self.centre_rows[:L] = rows
+        every = np.arange(L)
+        self.Cnorm[:L] = np.sqrt(kern.sq_norms(self.Cg, self.CX, every))
+        emb_lab = _embed32(self.Cg, self.CX, every)
         index = faiss.IndexFlatL2(emb_lab.shape[1])
         index.add(emb_lab)
         lab_norm2 = float((emb_lab.astype(np.float64) ** 2).sum(axis=1).max())
         dim = emb_lab.shape[1]
+        del emb_lab
         # Worst-case float32 error of ‖x‖²+‖y‖²−2x·y, relative to the norms involved.
         rel = max(1e-5, 4.0 * dim * float(np.finfo(np.float32).eps))
         kk = min(KNN_NEIGHBOURS, L)
-        del emb_lab
-        unsure_all: list[np.ndarray] = []
-        for start in range(0, self.cand.size, SEARCH_CHUNK_ROWS):
-            sl = slice(start, min(start + SEARCH_CHUNK_ROWS, self.cand.size))
-            q = _embed32(self.G, self.F, self.cand[sl])
+        D = np.empty(n)
+        near = np.empty(n, dtype=self.near.dtype)
+        unsure = np.zeros(n, dtype=np.bool_)
+        slots_rows = self.xrow[:n].astype(np.int64)
+        for start in range(0, n, SEARCH_CHUNK_ROWS):
+            sl = slice(start, min(start + SEARCH_CHUNK_ROWS, n))
+            q = _embed32(self.g, self.X, slots_rows[sl])
             sq32, idx = index.search(q, kk)
-            q_norm2 = (q.astype(np.float64) ** 2).sum(axis=1)
-            tol = rel * (q_norm2 + lab_norm2) + 1e-30
-            D = np.empty(q.shape[0])
-            near = np.empty(q.shape[0], dtype=np.int32)
-            unsure = np.zeros(q.shape[0], dtype=np.bool_)
+            tol = rel * ((q.astype(np.float64) ** 2).sum(axis=1) + lab_norm2) + 1e-30
+            del q
             kern.refine_knn(
-                self.G,
-                self.F,
-                self.cand[sl],
-                rows,
+                self.g,
+                self.X,
+                slots_rows[sl],
+                self.Cg[:L],
+                self.CX[:L],
                 idx.astype(np.int64),
                 sq32.astype(np.float64),
                 tol,
-                D,
-                near,
-                unsure,
+                D[sl],
+                near[sl],
+                unsure[sl],
             )
-            self.D[sl] = D
-            self.near[sl] = near
-            if unsure.any():
-                unsure_all.append(np.flatnonzero(unsure) + start)
-        self.stats.evaluated += self.cand.size * kk
-        self.stats.possible += self.cand.size * L
-        if unsure_all:
-            which = np.concatenate(unsure_all)
-            D = np.empty(which.size)
-            near = np.empty(which.size, dtype=np.int32)
-            kern.nearest_exact(self.G, self.F, self.cand[which], rows, D, near)
-            self.D[which] = D
-            self.near[which] = near
+        del index
+        self.stats.evaluated += n * kk
+        self.stats.possible += n * L
+        which = np.flatnonzero(unsure)
+        if which.size:
+            Dw = np.empty(which.size)
+            nw = np.empty(which.size, dtype=near.dtype)
+            kern.nearest_centre(self.g, self.X, slots_rows[which], self.Cg[:L], self.CX[:L], Dw, nw)
+            D[which] = Dw
+            near[which] = nw
             self.stats.unsure_rows += int(which.size)
             self.stats.evaluated += int(which.size) * L
+        # Group the slots into the centres' buckets, each sorted by D (largest first).
+        order = np.lexsort((-D, near))
+        self.D[:n] = D[order]
+        self.near[:n] = near[order]
+        del D, near
+        self.norms[:n] = self.norms[:n][order]
+        self.orig[:n] = self.orig[:n][order]
+        self.xrow[:n] = self.xrow[:n][order]
+        self.slot_of[self.orig[:n]] = np.arange(n, dtype=self.slot_of.dtype)
+        if self.screen:
+            kern.permute_rows(self.Q[:n], order, np.empty(n, dtype=np.bool_))
+            self.qa[:n] = self.qa[:n][order]
+            self.qr[:n] = self.qr[:n][order]
+        sizes = np.bincount(self.near[:n], minlength=L)
+        self.count[:L] = sizes
+        self.start[:L] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.count[self.orphan] = 0
+        kern.install(self.start, self.count, self.maxD, self.argslot, self.orig, self.D, L)
+        self.k = L
+        if self.n * self.X.shape[1] >= RELAYOUT_MIN_ELEMENTS:
+            self._relayout_rows()
+        while self._next_relayout <= self.k:
+            self._next_relayout *= RELAYOUT_FACTOR
+
+    def _farthest_first(self, rows: np.ndarray) -> np.ndarray:
+        L = rows.size
+        if L <= 2:
+            return rows
+        head = rows if L <= FARTHEST_FIRST_MAX else rows[:FARTHEST_FIRST_MAX]
+        feats = np.empty((head.size, self.X.shape[1]), dtype=np.float32)
+        weights = np.empty((head.size, self.g.shape[1]), dtype=np.float64)
+        for i, r in enumerate(head):
+            feats[i], weights[i] = self._row(int(r))
+        sub = CentreTracker(DenseEmbedding(feats, weights), np.arange(head.size), head.size, self.prune)
+        picked = k_center_greedy(sub, np.empty(0, dtype=np.int64), head.size).positions
+        return np.concatenate([head[picked], rows[head.size :]])
 
     def add(self, row: int, max_d: float | None = None) -> None:
         """Make pool row `row` a centre and lower every candidate's D accordingly.
 
-        `max_d`, when known (KCG adds the candidate of largest D), is the largest live D; otherwise it is
-        computed.
+        `max_d` is accepted for the interface; buckets know their own largest D.
         """
-        E = kern.centre_embedding(self.G, self.F, row)
-        self.centre_rows[self.k] = row
-        centre_norm = float(np.sqrt((E * E).sum()))
-        scan = self._positions
-        if self.prune:
-            top = float(self.D.max()) if max_d is None else max_d
-            if np.isfinite(top):
-                root = np.sqrt(max(top, 0.0))
-                reach = root * (1 + 1e-9) + 1e-9 * (centre_norm + root)
-                lo, hi = np.searchsorted(self.norms, [centre_norm - reach, centre_norm + reach])
-                scan = self._positions[lo : hi + 1]
-        self.stats.scanned += scan.size
-        m = kern.prune_candidates(
-            self.G,
-            self.F,
+        f, gr = self._row(row)
+        E = kern.embed(gr, f)
+        cnorm = float(np.sqrt((E * E).sum()))
+        k = self.k
+        if k >= self.capacity:
+            raise ValueError(f"more centres than the capacity ({self.capacity}) given to the tracker")
+        self.CX[k] = f
+        self.Cg[k] = gr
+        self.Cnorm[k] = cnorm
+        self.centre_rows[k] = row
+        self._refresh_dirty()
+        nb = kern.reach(
+            self.Cg,
+            self.CX,
+            self.Cnorm,
+            k,
+            E,
+            cnorm,
+            self.count,
+            self.maxD,
+            self.prune,
+            self.orphan,
+            self._reach,
+            self._reach_cc,
+        )
+        buckets = self._reach[:nb]
+        self._cc[buckets] = self._reach_cc[:nb]
+        m = kern.collect(self.start, self.count, buckets, nb, self._cc, self.D, self._todo)
+        screen = self.screen and float(np.abs(E).max()) <= kern.SCREEN_MAX_ABS
+        c32 = E[0].astype(np.float32)
+        rc = float(np.sqrt(((E[0] - c32.astype(np.float64)) ** 2).sum())) * (1 + 1e-9) if screen else 0.0
+        triage = kern.triage_parallel if m * (self.X.shape[1] // 4) >= PARALLEL_MIN_WORK else kern.triage
+        triage(
+            self.norms,
             self.D,
             self.near,
-            self.centre_rows,
-            self.k,
-            E,
-            self.prune,
-            self.norms,
-            centre_norm,
-            scan,
+            self._cc,
             self._todo,
+            m,
+            cnorm,
+            self.prune,
+            self.Q,
+            self.qa,
+            self.qr,
+            c32,
+            rc,
+            self._bound,
+            screen,
+            self._flags,
         )
-        update = kern.lower_distances_parallel if m * E.size >= PARALLEL_MIN_WORK else kern.lower_distances
-        update(self.G, self.F, self.cand, self.D, self.near, self._todo, m, self.k, E)
-        self.stats.evaluated += m
-        self.stats.possible += self.cand.size - self.taken
+        exact, screened = kern.keep_exact(self._todo, m, self._flags)
+        lower = kern.lower_exact_parallel if exact * E.size >= PARALLEL_MIN_WORK else kern.lower_exact
+        improved = lower(self.g, self.X, self.xrow, self.D, self.near, self._todo, exact, E, k)
+        scanned, m = m, exact  # from here on todo lists the slots that got an exact distance
+        if self.count[self.orphan] == 0 and self.used + improved > self.D.size:
+            self._compact(new_id=k)  # no room to append them: compact, with the improved ones last
+        else:
+            self.used = kern.apply(
+                self.start,
+                self.count,
+                self.maxD,
+                self.argslot,
+                self.D,
+                self.near,
+                self.norms,
+                self.orig,
+                self.xrow,
+                self.slot_of,
+                self.Q,
+                self.qa,
+                self.qr,
+                self.screen,
+                buckets,
+                nb,
+                self._todo,
+                m,
+                self.used,
+                k,
+                self.orphan,
+            )
+        self.stats.screened += int(screened)
+        self.stats.evaluated += int(exact)
+        self.stats.possible += self.n - self.taken
+        self.stats.scanned += scanned
         self.k += 1
+        if self.k >= self._next_relayout:
+            self._next_relayout *= RELAYOUT_FACTOR
+            if self.n * self.X.shape[1] >= RELAYOUT_MIN_ELEMENTS and self.count[self.orphan] == 0:
+                self._relayout_rows()
+
+    def _compact(self, new_id: int = -1) -> None:
+        self.used = kern.compact(
+            self.start,
+            self.count,
+            self.maxD,
+            self.argslot,
+            self.D,
+            self.near,
+            self.norms,
+            self.orig,
+            self.xrow,
+            self.slot_of,
+            self.Q,
+            self.qa,
+            self.qr,
+            self.screen,
+            self.capacity + 1,
+            new_id,
+        )
+
+    def _relayout_rows(self) -> None:
+        """Move feature rows into slot order, so that exact distances in a bucket read nearby memory."""
+        self._compact()
+        live = self.used
+        referenced = np.zeros(self.n, dtype=np.bool_)
+        referenced[self.xrow[:live]] = True
+        perm = np.concatenate([self.xrow[:live], np.flatnonzero(~referenced)]).astype(np.int64)
+        del referenced
+        done = np.empty(self.n, dtype=np.bool_)
+        kern.permute_rows(self.X, perm, done)
+        kern.permute_rows(self.g, perm, done)
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(self.n)
+        self.rowpos[:] = inv[self.rowpos]
+        self.xrow[:live] = np.arange(live, dtype=self.xrow.dtype)
+
+    def _refresh_dirty(self) -> None:
+        for a in self._dirty:
+            kern.bucket_top(self.start, self.count, self.maxD, self.argslot, self.orig, self.D, a)
+        self._dirty.clear()
 
     def distances(self) -> np.ndarray:
         """D for every candidate in the caller's order (-1 for picked ones)."""
-        return self.D[self._pos]
+        live = self.slot_of >= 0
+        out = np.full(self.n, -1.0)
+        out[live] = self.D[self.slot_of[live]]
+        return out
 
     def argmax(self) -> tuple[int, float]:
         """The live candidate of largest D and its D; ties go to the earliest candidate in the caller's order."""
-        best = int(np.argmax(self.D))
-        top = self.D[best]
-        tied = np.flatnonzero(top == self.D)
-        t = int(self._orig[tied].min()) if tied.size > 1 else int(self._orig[best])
-        return t, float(top)
+        self._refresh_dirty()
+        s = kern.best_bucket(self.maxD, self.argslot, self.count, self.orig, self.k, self.orphan)
+        if s < 0:
+            raise ValueError("no candidate left")
+        return int(self.orig[s]), float(self.D[s])
 
     def take(self, t: int) -> None:
         """Remove candidate position t from play (it has been selected)."""
-        self.D[self._pos[t]] = -1.0
+        s = int(self.slot_of[t])
+        self.D[s] = -1.0
+        self.slot_of[t] = -1
+        a = int(self.near[s])
+        self._dirty.add(self.orphan if a < 0 else a)
         self.taken += 1
+
+
+def warm_up(labeled: int = 0) -> None:
+    """Run the kernels once on a tiny pool, so later calls find them loaded (or compiled and cached).
+
+    With more than KNN_NEIGHBOURS labeled rows the real run takes the FAISS path, so that is warmed too.
+    """
+    rng = np.random.default_rng(0)
+    n, d = 96, SCREEN_MIN_DIM
+    F = rng.random((n, d), dtype=np.float32)
+    w = rng.random(n)
+    lab = KNN_NEIGHBOURS + 1 if labeled > KNN_NEIGHBOURS else min(labeled, 4)
+    dense_kcg(F, w, np.arange(lab, n), np.arange(lab), 8)
 
 
 def dense_tracker(

@@ -23,6 +23,7 @@ Progress = Callable[[int, int], None]
 # (pool kind, backend) → "module:class". Every class takes (embedding, candidates, capacity, prune, device).
 TRACKERS: dict[tuple[str, str], str] = {
     ("unit", "numba"): "uwe_cli.selection.dense:CentreTracker",
+    ("unit", "numpy"): "uwe_cli.selection.small:NumpyTracker",
     ("unit", "torch"): "uwe_cli.selection.torch_backend:TorchCentreTracker",
     ("detection", "numba"): "uwe_cli.selection.classwise:ClasswiseTracker",
     ("detection", "torch"): "uwe_cli.selection.classwise_torch:TorchClasswiseTracker",
@@ -37,6 +38,7 @@ class TrackerStats:
     possible: int = 0
     unsure_rows: int = 0
     scanned: int = 0
+    screened: int = 0  # candidates a low-precision screen proved out of reach (no exact distance needed)
 
     @property
     def skipped_fraction(self) -> float:
