@@ -21,6 +21,10 @@ PRUNE_MARGIN = 1.0 + 1e-9
 # of summation, like numpy's own pairwise sums; no NaN/Inf or contraction shortcuts are allowed.
 FASTMATH = {"reassoc", "nsz"}
 ABANDON_BLOCK = 128
+# BADGE rows (K > 1) are outer products, so ‖a − b‖² = ‖a‖² + ‖b‖² − 2(g_a·g_b)(f_a·f_b) costs K + d
+# instead of K·d. That form cancels, so it only serves as a lower bound, lowered by this fraction of
+# ‖a‖² + ‖b‖² (rounding is ~1e-13 of it): a candidate it clears is skipped, any other is computed exactly.
+OUTER_SLACK = 1e-9
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
@@ -39,6 +43,30 @@ def _sq_dist(G, F, r, E, limit):
             if s >= limit:
                 return s
     return s
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _outer_lower_bound(G, F, r, c, nr, nc):
+    """A lower bound of ‖G[r]⊗F[r] − G[c]⊗F[c]‖² in O(K + d), given both squared norms (see OUTER_SLACK)."""
+    gg = 0.0
+    for k in range(G.shape[1]):
+        gg += G[r, k] * G[c, k]
+    ff = 0.0
+    for j in range(F.shape[1]):
+        ff += np.float64(F[r, j]) * np.float64(F[c, j])
+    return nr + nc - 2.0 * gg * ff - OUTER_SLACK * (nr + nc)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _row_sq_norm(G, F, r):
+    """‖G[r]⊗F[r]‖² = ‖G[r]‖²·‖F[r]‖² (only used inside bounds, where its rounding is covered)."""
+    gg = 0.0
+    for k in range(G.shape[1]):
+        gg += G[r, k] * G[r, k]
+    ff = 0.0
+    for j in range(F.shape[1]):
+        ff += np.float64(F[r, j]) * np.float64(F[r, j])
+    return gg * ff
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -68,7 +96,7 @@ def centre_embedding(G, F, r):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def prune_candidates(G, F, D, near, centre_rows, new_id, E, prune, norms, centre_norm, scan, out):
+def prune_candidates(G, F, D, near, centre_rows, new_id, E, prune, norms, centre_norm, scan, out, centre_row):
     """Positions of the live candidates (D > 0; picked ones hold -1) that the new centre E might improve.
 
     Two bounds skip the rest: ‖x − c‖ ≥ |‖x‖ − ‖c‖| (in UWE space magnitude follows uncertainty), and
@@ -76,8 +104,12 @@ def prune_candidates(G, F, D, near, centre_rows, new_id, E, prune, norms, centre
     ‖c − a‖ ≥ 2·D(i). ‖c − a‖ is computed lazily, once per centre. Sequential on purpose: this O(n)
     pass is memory-bound, and waking a thread team for it costs more than it saves on busy machines.
     `scan` lists the positions to look at (a window of candidates ordered by norm, see CentreTracker).
+    For outer-product rows (K > 1) ‖c − a‖² is replaced by its O(K + d) lower bound, which keeps the
+    test safe. `centre_row` is the pool row of the new centre E.
     """
     cc2 = np.full(new_id, -1.0)
+    outer = G.shape[1] > 1
+    centre_sq = centre_norm * centre_norm
     m = 0
     for q in range(scan.size):
         t = scan[q]
@@ -93,7 +125,11 @@ def prune_candidates(G, F, D, near, centre_rows, new_id, E, prune, norms, centre
             if a >= 0:
                 c = cc2[a]
                 if c < 0.0:
-                    c = _sq_dist(G, F, centre_rows[a], E, np.inf)
+                    if outer:
+                        ra = centre_rows[a]
+                        c = max(_outer_lower_bound(G, F, ra, centre_row, _row_sq_norm(G, F, ra), centre_sq), 0.0)
+                    else:
+                        c = _sq_dist(G, F, centre_rows[a], E, np.inf)
                     cc2[a] = c
                 if c >= 4.0 * d * PRUNE_MARGIN:
                     continue
@@ -103,22 +139,34 @@ def prune_candidates(G, F, D, near, centre_rows, new_id, E, prune, norms, centre
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def lower_distances(G, F, cand, D, near, todo, m, new_id, E):
-    """D(i) = min(D(i), ‖x_i − E‖²) for the listed positions (one thread)."""
+def lower_distances(G, F, cand, D, near, todo, m, new_id, E, sq, centre_row, centre_sq):
+    """D(i) = min(D(i), ‖x_i − E‖²) for the listed positions (one thread).
+
+    `sq` holds the candidates' squared norms by position; for outer-product rows (K > 1) a candidate
+    whose O(K + d) lower bound already reaches D(i) is skipped without the K·d exact distance.
+    """
+    outer = G.shape[1] > 1
     for q in range(m):
         t = todo[q]
-        s = _sq_dist(G, F, cand[t], E, D[t])
+        r = cand[t]
+        if outer and _outer_lower_bound(G, F, r, centre_row, sq[t], centre_sq) >= D[t]:
+            continue
+        s = _sq_dist(G, F, r, E, D[t])
         if s < D[t]:
             D[t] = s
             near[t] = new_id
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def lower_distances_parallel(G, F, cand, D, near, todo, m, new_id, E):
+def lower_distances_parallel(G, F, cand, D, near, todo, m, new_id, E, sq, centre_row, centre_sq):
     """As `lower_distances`, across all threads (positions are distinct, so writes never collide)."""
+    outer = G.shape[1] > 1
     for q in prange(m):
         t = todo[q]
-        s = _sq_dist(G, F, cand[t], E, D[t])
+        r = cand[t]
+        if outer and _outer_lower_bound(G, F, r, centre_row, sq[t], centre_sq) >= D[t]:
+            continue
+        s = _sq_dist(G, F, r, E, D[t])
         if s < D[t]:
             D[t] = s
             near[t] = new_id

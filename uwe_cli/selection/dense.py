@@ -21,6 +21,7 @@ KNN_NEIGHBOURS = 16
 # an idle machine and many milliseconds on a loaded one.
 PARALLEL_MIN_WORK = 4_000_000
 SEARCH_CHUNK_ROWS = 65_536
+OUTER_CHUNK_ENTRIES = 8_000_000  # (candidate, centre) pairs per block of the outer-product proposal
 
 
 class DenseEmbedding(NamedTuple):
@@ -78,7 +79,8 @@ class CentreTracker(Tracker):
         self._pos = np.empty_like(self._orig)
         self._pos[self._orig] = np.arange(self._orig.size)
         self.cand = candidates[self._orig]
-        self.norms = np.sqrt(self.sq_norms[self._orig])
+        self.sorted_sq_norms = self.sq_norms[self._orig]
+        self.norms = np.sqrt(self.sorted_sq_norms)
         self._positions = np.arange(self.cand.size, dtype=np.int64)
         self.D = np.full(self.cand.size, np.inf, dtype=np.float64)
         self.near = np.full(self.cand.size, -1, dtype=np.int32)
@@ -111,6 +113,9 @@ class CentreTracker(Tracker):
             kern.nearest_exact(self.G, self.F, self.cand, rows, self.D, self.near)
             self.stats.evaluated += self.cand.size * L
             self.stats.possible += self.cand.size * L
+            return
+        if self.G.shape[1] > 1:
+            self._init_outer(rows)
             return
         emb_lab = _embed32(self.G, self.F, rows)
         index = faiss.IndexFlatL2(emb_lab.shape[1])
@@ -159,6 +164,55 @@ class CentreTracker(Tracker):
             self.stats.unsure_rows += int(which.size)
             self.stats.evaluated += int(which.size) * L
 
+    def _init_outer(self, rows: np.ndarray) -> None:
+        """`init_centres` for outer-product rows (BADGE, K > 1) without building K·d vectors for FAISS.
+
+        ‖a − b‖² = ‖a‖² + ‖b‖² − 2(g_a·g_b)(f_a·f_b) for every (candidate, centre) pair from two float64
+        matrix products (d and K wide instead of K·d); its k smallest propose neighbours, which
+        `refine_knn` recomputes exactly. The proposal's rounding is far below OUTER_SLACK of the norms,
+        so rows whose true nearest centre might lie beyond the k proposed are flagged and scanned in full.
+        """
+        L = rows.size
+        kk = min(KNN_NEIGHBOURS, L)
+        F_lab = self.F[rows].astype(np.float64)
+        G_lab = self.G[rows]
+        sq_lab = kern.sq_norms(self.G, self.F, rows)
+        chunk = max(256, OUTER_CHUNK_ENTRIES // L)
+        unsure_all: list[np.ndarray] = []
+        for start in range(0, self.cand.size, chunk):
+            sl = slice(start, min(start + chunk, self.cand.size))
+            q_rows = self.cand[sl]
+            q_sq = self.sorted_sq_norms[sl]
+            approx = (self.G[q_rows] @ G_lab.T) * (self.F[q_rows].astype(np.float64) @ F_lab.T)
+            approx *= -2.0
+            approx += q_sq[:, None]
+            approx += sq_lab[None, :]
+            idx = np.argpartition(approx, kk - 1, axis=1)[:, :kk] if kk < L else np.argsort(approx, axis=1)
+            vals = np.take_along_axis(approx, idx, axis=1)
+            order = np.argsort(vals, axis=1, kind="stable")
+            idx = np.ascontiguousarray(np.take_along_axis(idx, order, axis=1), dtype=np.int64)
+            vals = np.ascontiguousarray(np.take_along_axis(vals, order, axis=1))
+            tol = kern.OUTER_SLACK * (q_sq + float(sq_lab.max()))
+            D = np.empty(q_rows.size)
+            near = np.empty(q_rows.size, dtype=np.int32)
+            unsure = np.zeros(q_rows.size, dtype=np.bool_)
+            kern.refine_knn(self.G, self.F, q_rows, rows, idx, vals, tol, D, near, unsure)
+            self.D[sl] = D
+            self.near[sl] = near
+            if unsure.any():
+                unsure_all.append(np.flatnonzero(unsure) + start)
+        self.stats.evaluated += self.cand.size * kk
+        self.stats.possible += self.cand.size * L
+        if unsure_all:
+            which = np.concatenate(unsure_all)
+            D = np.empty(which.size)
+            near = np.empty(which.size, dtype=np.int32)
+            kern.nearest_exact(self.G, self.F, self.cand[which], rows, D, near)
+            self.D[which] = D
+            self.near[which] = near
+            self.stats.unsure_rows += int(which.size)
+            self.stats.evaluated += int(which.size) * L
+
     def add(self, row: int, max_d: float | None = None) -> None:
         """Make pool row `row` a centre and lower every candidate's D accordingly.
 
@@ -190,9 +244,13 @@ class CentreTracker(Tracker):
             centre_norm,
             scan,
             self._todo,
+            row,
         )
         update = kern.lower_distances_parallel if m * E.size >= PARALLEL_MIN_WORK else kern.lower_distances
-        update(self.G, self.F, self.cand, self.D, self.near, self._todo, m, self.k, E)
+        update(
+            self.G, self.F, self.cand, self.D, self.near, self._todo, m, self.k, E,
+            self.sorted_sq_norms, row, float((E * E).sum()),
+        )  # fmt: skip
         self.stats.evaluated += m
         self.stats.possible += self.cand.size - self.taken
         self.k += 1
