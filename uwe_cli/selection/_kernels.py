@@ -127,7 +127,9 @@ def prune_candidates(G, F, D, near, centre_rows, new_id, E, prune, norms, centre
                 if c < 0.0:
                     if outer:
                         ra = centre_rows[a]
-                        c = max(_outer_lower_bound(G, F, ra, centre_row, _row_sq_norm(G, F, ra), centre_sq), 0.0)
+                        c = max(
+                            _outer_lower_bound(G, F, ra, centre_row, _row_sq_norm(G, F, ra), centre_sq), 0.0
+                        )
                     else:
                         c = _sq_dist(G, F, centre_rows[a], E, np.inf)
                     cc2[a] = c
