@@ -380,3 +380,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, digit_pool, rng):
     )
     assert_one_line_error(invoke("simulate", pool, *base, "--labels", labels, "--out", "-"), "stdout")
     assert not [p for p in tmp_path.rglob(".*")]
+
+
+def test_without_matplotlib_the_rest_is_written(tmp_path, digit_pool, monkeypatch):
+    import uwe_cli.simulate as simulate
+
+    pool, labels, _, _ = digit_pool
+    monkeypatch.setattr(simulate, "plot_available", lambda: False)
+    out = tmp_path / "sim"
+    r = invoke(
+        "simulate", pool, "--labels", labels, "--budgets", "10,20", "--strategies", "random", "--out", out
+    )
+    assert r.exit_code == 0, r.output
+    assert "matplotlib is not installed" in r.stderr and "uwe-cli[plot]" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]

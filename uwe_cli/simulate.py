@@ -202,8 +202,10 @@ def read_labels_csv(path: str | Path, pool_ids: pa.Array) -> Labels:
     id_array = pa.array(ids, type=pa.string())
     if pc.count_distinct(id_array).as_py() != len(ids):
         seen: set[str] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        raise LabelError(f"{option}: id '{dup}' appears more than once")
+        for unit_id in ids:
+            if unit_id in seen:
+                raise LabelError(f"{option}: id '{unit_id}' appears more than once")
+            seen.add(unit_id)
     index = pc.index_in(id_array, value_set=pool_ids)
     if index.null_count:
         first = ids[int(np.flatnonzero(np.asarray(index.is_null()))[0])]

@@ -48,7 +48,7 @@ def simulate(
         1.0, "--probe-c", help="Inverse L2 strength of the logistic-regression probe (scikit-learn's C)."
     ),
     plot: bool = typer.Option(
-        True, "--plot/--no-plot", help="Write curves.png (needs matplotlib: uwe-cli[plot])."
+        True, "--plot/--no-plot", help="Write curves.png (needs matplotlib: pip install uwe-cli\\[plot])."
     ),
     device: str = typer.Option("auto", help="Selection engine device: auto | cpu | cuda."),
     max_memory: str | None = typer.Option(None, help="Refuse pools needing more memory than this (e.g. 8G)."),
@@ -76,7 +76,9 @@ def simulate(
         strategy_list = [s.strip() for s in strategies.split(",") if s.strip()]
         limit = parse_memory(max_memory) if max_memory else None
         if plot and not plot_available():
-            warn("matplotlib is not installed, so no curves.png (pip install 'uwe-cli[plot]', or --no-plot)")
+            warn(
+                "matplotlib is not installed, so no curves.png (pip install 'uwe-cli\\[plot]', or --no-plot)"
+            )
             plot = False
         with progress_callback("simulating", show_progress(quiet)) as progress:
             result = run_simulation(
