@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from uwe_cli.embedding import check_selection_options
-from uwe_cli.errors import SelectionError, UweError
+from uwe_cli.errors import LabelError, SelectionError
 from uwe_cli.outputs import Output, atomic_path, open_output, resolve_output
 from uwe_cli.pool import PoolSource, UnitPool, open_pool
 from uwe_cli.pool.files import read_column
@@ -40,11 +40,6 @@ from uwe_cli.probe import Probe, fit_probe
 from uwe_cli.select import check_memory, resolve_device, select_loaded, split_rows
 from uwe_cli.selection.strategies import STRATEGIES, get_strategy
 from uwe_cli.selection.tracker import Progress
-
-
-class LabelError(UweError):
-    """Ground-truth labels that cannot be used (missing, unknown IDs, a single class)."""
-
 
 UNCERTAINTIES = ("entropy", "bvsb", "least_confidence")
 DEFAULT_STRATEGIES = ("uwe", "coreset", "uncertainty", "random", "badge")
@@ -380,9 +375,79 @@ def _rounded(value: float) -> float:
     return round(float(value), FLOAT_DIGITS)
 
 
-def _evaluate(probe: Probe, features: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    pred = probe.predict(features)
-    return float(np.mean(pred == y)), macro_f1(y, pred)
+@dataclass
+class _Replay:
+    """One loaded pool with its ground truth, and the three steps every cycle takes: fit, evaluate, select."""
+
+    pool: UnitPool
+    y: np.ndarray
+    num_classes: int
+    excluded: np.ndarray  # held out + no label: never selected, not in play for normalisation
+    held_out: np.ndarray
+    uncertainty: str
+    normalize: str
+    probe_c: float
+    backend: str
+    device: str
+    timing: dict[str, float] = field(default_factory=lambda: {"probe_fit": 0.0, "probe_predict": 0.0})
+    warnings: list[str] = field(default_factory=list)
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        return self.pool.ids.take(pa.array(rows)).to_pylist()
+
+    def random_start(self, size: int, seed: int) -> np.ndarray:
+        """The first labeled set: `uwe select --strategy random --seed seed` with the excluded units excluded."""
+        split = split_rows(self.pool.size, np.empty(0, np.int64), self.excluded, size)
+        result = select_loaded(self._pool_with(None, None), split, size, "random", seed=seed)
+        assert result.rows is not None
+        return result.rows
+
+    def fit(self, rows: np.ndarray) -> Probe:
+        """The probe on the labeled rows, sorted, so it depends on the set and not on the pick order."""
+        t = time.perf_counter()
+        rows = np.sort(rows)
+        probe = fit_probe(self.pool.features[rows], self.y[rows], self.num_classes, C=self.probe_c)
+        self.timing["probe_fit"] += time.perf_counter() - t
+        return probe
+
+    def evaluate(self, probe: Probe) -> tuple[float, float]:
+        """Accuracy and macro-F1 on the held-out units."""
+        pred = probe.predict(self.pool.features[self.held_out])
+        truth = self.y[self.held_out]
+        return float(np.mean(pred == truth)), macro_f1(truth, pred)
+
+    def select(self, curve: Curve, probe: Probe, labeled: np.ndarray, step: int, seed: int) -> np.ndarray:
+        """The next `step` rows by `select_loaded`, the probe's probabilities standing in for the model's."""
+        strategy = STRATEGIES[curve.strategy]
+        u = probs = None
+        if strategy.needs_uncertainty or strategy.needs_probs:
+            t = time.perf_counter()
+            probs = probe.predict_proba(self.pool.features)
+            u = uncertainty_of(probs, self.uncertainty) if strategy.needs_uncertainty else None
+            self.timing["probe_predict"] += time.perf_counter() - t
+        t = time.perf_counter()
+        result = select_loaded(
+            self._pool_with(u, probs),
+            split_rows(self.pool.size, labeled, self.excluded, step),
+            step,
+            strategy=curve.strategy,
+            tau=1.0 if curve.tau is None else curve.tau,
+            normalize=self.normalize,
+            seed=seed,
+            backend=self.backend,
+            device=self.device,
+        )
+        key = f"select_{curve.strategy}"
+        self.timing[key] = self.timing.get(key, 0.0) + time.perf_counter() - t
+        self.warnings += [w for w in result.warnings if w not in self.warnings]
+        assert result.rows is not None
+        return result.rows
+
+    def _pool_with(self, u: np.ndarray | None, probs: np.ndarray | None) -> UnitPool:
+        column = None if u is None else f"{self.uncertainty} (probe)"
+        return UnitPool(
+            self.pool.ids, self.pool.features, u, column, probs=probs, metadata=self.pool.metadata
+        )
 
 
 def run_simulation(
@@ -430,13 +495,10 @@ def run_simulation(
             "with one feature per image or region"
         )
     check_memory(source, max_memory)
-    if label_column is not None:
-        truth = read_label_column(source, label_column)
-        pool = source.read(need_uncertainty=False)
-    else:
-        pool = source.read(need_uncertainty=False)
-        assert labels is not None
-        truth = read_labels_csv(labels, pool.ids)
+    # A label column is checked before the features are loaded; a labels file needs the pool's IDs.
+    from_column = read_label_column(source, label_column) if label_column is not None else None
+    pool = source.read(need_uncertainty=False)
+    truth = from_column if from_column is not None else read_labels_csv(str(labels), pool.ids)
     y, K, n = truth.y, len(truth.classes), pool.size
 
     held_out = stratified_split(y, test_fraction)
@@ -450,80 +512,38 @@ def run_simulation(
             f"--budgets {budgets[-1]} is larger than the {available:,} units that can be selected "
             f"({n - no_label.size:,} labeled units, {held_out.size:,} held out for testing)"
         )
-    test_features = pool.features[held_out]
-    test_y = y[held_out]
-    base = UnitPool(pool.ids, pool.features, None, None, metadata=pool.metadata, files=pool.files)
-
+    replay = _Replay(pool, y, K, excluded, held_out, uncertainty, normalize, probe_c, backend, device)
     steps = [b - a for a, b in itertools.pairwise(budgets)]
     total = seeds * (1 + len(curves) * len(steps))
     done = 0
-    timing = {"probe_fit": 0.0, "probe_predict": 0.0}
-    warnings = list(truth.warnings)
     runs: dict[Curve, list[SeedRun]] = {c: [] for c in curves}
     initial_ids: list[list[str]] = []
-
-    def fit(rows: np.ndarray) -> Probe:
-        t = time.perf_counter()
-        rows = np.sort(rows)
-        probe = fit_probe(pool.features[rows], y[rows], K, C=probe_c)
-        timing["probe_fit"] += time.perf_counter() - t
-        return probe
-
-    def tick() -> None:
-        nonlocal done
+    for seed in range(seeds):
+        start = replay.random_start(budgets[0], seed)
+        initial_ids.append(replay.ids_of(start))
+        first_probe = replay.fit(start)
+        first_scores = replay.evaluate(first_probe)
         done += 1
         if progress is not None:
             progress(done, total)
-
-    for seed in range(seeds):
-        start = select_loaded(
-            base, split_rows(n, np.empty(0, np.int64), excluded, budgets[0]), budgets[0], "random", seed=seed
-        )
-        assert start.rows is not None
-        initial_ids.append(start.batch.ids)
-        first_probe = fit(start.rows)
-        first_scores = _evaluate(first_probe, test_features, test_y)
-        tick()
         for curve in curves:
-            strategy = STRATEGIES[curve.strategy]
-            labeled = start.rows
-            probe = first_probe
+            labeled, probe = start, first_probe
             run = SeedRun([first_scores[0]], [first_scores[1]], [], [])
             for cycle, step in enumerate(steps, start=1):
-                sel_pool = base
-                if strategy.needs_uncertainty or strategy.needs_probs:
-                    t = time.perf_counter()
-                    probs = probe.predict_proba(pool.features)
-                    u = uncertainty_of(probs, uncertainty) if strategy.needs_uncertainty else None
-                    timing["probe_predict"] += time.perf_counter() - t
-                    sel_pool = UnitPool(pool.ids, pool.features, u, f"{uncertainty} (probe)", probs=probs)
-                sel_seed = cycle_seed(seed, cycle)
-                t = time.perf_counter()
-                result = select_loaded(
-                    sel_pool,
-                    split_rows(n, labeled, excluded, step),
-                    step,
-                    strategy=curve.strategy,
-                    tau=1.0 if curve.tau is None else curve.tau,
-                    normalize=normalize,
-                    seed=sel_seed,
-                    backend=backend,
-                    device=device,
-                )
-                key = f"select_{curve.strategy}"
-                timing[key] = timing.get(key, 0.0) + time.perf_counter() - t
-                warnings += [w for w in result.warnings if w not in warnings]
-                assert result.rows is not None
-                labeled = np.concatenate([labeled, result.rows])
-                probe = fit(labeled)
-                acc, f1 = _evaluate(probe, test_features, test_y)
-                run.accuracy.append(acc)
+                picked = replay.select(curve, probe, labeled, step, cycle_seed(seed, cycle))
+                labeled = np.concatenate([labeled, picked])
+                probe = replay.fit(labeled)
+                accuracy, f1 = replay.evaluate(probe)
+                run.accuracy.append(accuracy)
                 run.macro_f1.append(f1)
-                run.selected.append(result.batch.ids)
-                run.selection_seeds.append(sel_seed)
-                tick()
+                run.selected.append(replay.ids_of(picked))
+                run.selection_seeds.append(cycle_seed(seed, cycle))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
             runs[curve].append(run)
 
+    timing = replay.timing
     timing["total"] = time.perf_counter() - started
     config = {
         "pools": [str(p) for p in ([pools] if isinstance(pools, (str, Path)) else pools)],
@@ -557,7 +577,7 @@ def run_simulation(
         initial=initial_ids,
         held_out=ids.take(pa.array(held_out)).to_pylist(),
         no_label=ids.take(pa.array(no_label)).to_pylist(),
-        warnings=warnings,
+        warnings=truth.warnings + replay.warnings,
         timing={k: round(v, 3) for k, v in timing.items()},
     )
 
