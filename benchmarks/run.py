@@ -18,6 +18,7 @@ RUNS: list[list[str]] = [
     ["bench_classwise.py", "--pool", "bench-out/detection-100k.parquet", "--budget", "1000"],
     ["bench_extract_classification.py"],
     ["bench_extract_segmentation.py"],
+    ["bench_simulate.py", "--rows", "20000"] if QUICK else ["bench_simulate.py"],
 ]
 
 

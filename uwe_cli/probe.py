@@ -113,6 +113,8 @@ def _newton_cg(X, y, k: int, ridge, tol: float, max_newton: int, max_cg: int):
 
     n, d = X.shape
     m = 1 if k == 2 else k
+    XT = X.T.contiguous()  # Xᵀ·S on a contiguous copy runs twice as fast as on the transposed view
+    X2T = (X * X).T.contiguous()
     free = slice(1, 2) if k == 2 else slice(0, k)
     Y = torch.zeros((n, k), dtype=torch.float64)
     Y[torch.arange(n), y] = 1.0
@@ -135,7 +137,7 @@ def _newton_cg(X, y, k: int, ridge, tol: float, max_newton: int, max_cg: int):
     for steps in range(1, max_newton + 1):
         P = torch.softmax(logits(V, c), dim=1)
         R = (P - Y)[:, free] / n
-        gV = X.T @ R + ridge * V
+        gV = XT @ R + ridge * V
         gc = R.sum(dim=0)
         gmax = max(float(gV.abs().max()), float(gc.abs().max()))
         if gmax <= tol:
@@ -147,12 +149,12 @@ def _newton_cg(X, y, k: int, ridge, tol: float, max_newton: int, max_cg: int):
             A[:, free] = X @ DV + Dc
             PA = P * A
             S = (PA - P * PA.sum(dim=1, keepdim=True))[:, free] / n
-            return X.T @ S + ridge * DV, S.sum(dim=0)
+            return XT @ S + ridge * DV, S.sum(dim=0)
 
         # Conjugate gradients on H·p = −g, preconditioned by the Hessian's diagonal, to a relative
         # residual min(0.5, √‖g‖) (inexact Newton).
         Q = (P * (1.0 - P))[:, free] / n
-        MV = 1.0 / ((X * X).T @ Q + ridge)
+        MV = 1.0 / (X2T @ Q + ridge)
         Mc = 1.0 / Q.sum(dim=0).clamp_min(1e-300)
         g_norm = float(torch.sqrt((gV * gV).sum() + (gc * gc).sum()))
         target = min(0.5, g_norm**0.5) * g_norm
