@@ -20,6 +20,7 @@ RUNS: list[list[str]] = [
     ["bench_extract_classification.py"],
     ["bench_extract_segmentation.py"],
     ["bench_remote_read.py"],
+    ["bench_simulate.py", "--rows", "20000"] if QUICK else ["bench_simulate.py"],
 ]
 
 

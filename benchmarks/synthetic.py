@@ -42,6 +42,7 @@ def make_unit_arrays(
         "least_confidence": (1.0 - top2[:, 1]).astype(np.float32),
         "probs": probs,
         "pred": probs.argmax(axis=1).astype(np.int32),
+        "class": (label % num_classes).astype(np.int32),  # ground truth for simulations (not written)
     }
 
 

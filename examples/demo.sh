@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole job on real images: digits as PNG files, a tiny model trained for a few seconds,
-# `uwe extract classification` to a pool, `uwe select` for the next 20 images to label.
+# `uwe extract classification` to a pool, `uwe select` for the next 20 images to label, and
+# `uwe simulate` to check which strategy and tau work on these images (docs/simulate.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=demo-out
@@ -21,3 +22,7 @@ uwe select "$OUT/pool.parquet" --budget 20 --labeled "$OUT/labeled.csv" --out "$
 echo
 echo "next 20 images to label ($OUT/batch.csv):"
 cat "$OUT/batch.csv"
+
+echo
+uwe simulate "$OUT/pool.parquet" --labels "$OUT/labels.csv" --budgets 20,40,80,160,320 \
+    --strategies uwe,coreset,uncertainty,random,badge --tau 0.1,0.5,1 --seeds 5 --out "$OUT/simulate"

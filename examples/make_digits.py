@@ -2,7 +2,8 @@
 
 Writes OUT/digits/<label>/<index>.png (1797 real images), trains `tiny_net.TinyCNN` on a small
 labeled subset with the same preprocessing `uwe extract classification` applies, and saves
-OUT/tiny.pth (a plain state_dict) and OUT/labeled.csv (the IDs the model was trained on).
+OUT/tiny.pth (a plain state_dict), OUT/labeled.csv (the IDs the model was trained on) and
+OUT/labels.csv (`id,label` for every image: the ground truth `uwe simulate` replays selection with).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def main() -> None:
         Image.fromarray((pixels * (255 / 16)).round().astype(np.uint8), mode="L").save(path)
         ids.append(f"{label}/{index:04d}.png")
     print(f"wrote {len(ids)} digit images to {folder}")
+    with (args.out / "labels.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "label"])
+        writer.writerows(zip(ids, digits.target.tolist(), strict=True))
 
     rng = np.random.default_rng(0)
     chosen = rng.choice(len(ids), size=args.labeled, replace=False)

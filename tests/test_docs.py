@@ -30,6 +30,7 @@ COMMAND_PAGES = {
     "inspect": "inspect.md",
     "export": "export.md",
     "report": "report.md",
+    "simulate": "simulate.md",
 }
 
 # Pages whose ```python blocks run, in order, in one namespace, in a folder set up by `example_folder`.

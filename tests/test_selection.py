@@ -190,6 +190,50 @@ def test_badge_equals_dense_gradient_embedding_reference(rng):
     np.testing.assert_array_equal(got, kmeanspp_reference(dense, cand, lab, 25, seed=3))
 
 
+def outer_product_pool(rng, n, d, k, near_copies=40):
+    """BADGE-style rows G ⊗ F, with near-copies of some rows (distances that cancel in ‖a‖² + ‖b‖² − 2ab)."""
+    F = clustered(rng, n, d)
+    src = rng.integers(0, n, near_copies)
+    F[n - near_copies :] = F[src] * (1 + 1e-7 * rng.standard_normal((near_copies, d))).astype(np.float32)
+    logits = rng.standard_normal((n, k)) * 2
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    probs[n - near_copies :] = probs[src]
+    G = badge_weights(probs)
+    dense = (G[:, :, None] * F.astype(np.float64)[:, None, :]).reshape(n, -1)
+    return F, G, dense
+
+
+@pytest.mark.parametrize("n_labeled", [0, 10, 120])
+@pytest.mark.parametrize("prune", [True, False])
+def test_outer_product_rows_kcg_and_kmeanspp_equal_reference(rng, n_labeled, prune):
+    """K > 1 rows use an O(K + d) lower bound to skip work and a GEMM proposal for the labeled set; both
+    must leave the picks and distances of the full K·d computation unchanged."""
+    F, G, dense = outer_product_pool(rng, 900, 20, 6)
+    cand, lab = split(rng, 900, n_labeled)
+    ref_picks, ref_dist = kcg_reference(dense, cand, lab, 60)
+    res = k_center_greedy(F, G, cand, lab, 60, prune=prune)
+    np.testing.assert_array_equal(res.positions, ref_picks)
+    np.testing.assert_allclose(res.distances, ref_dist, rtol=1e-12)
+    for seed in (0, 1):
+        got = kmeanspp_seeding(F, G, cand, lab, 40, seed, prune=prune)
+        np.testing.assert_array_equal(got, kmeanspp_reference(dense, cand, lab, 40, seed))
+
+
+def test_outer_product_labeled_distances_equal_full_scan(rng):
+    """The labeled set's nearest-centre distances through the GEMM proposal equal an exact full scan."""
+    F, G, dense = outer_product_pool(rng, 1500, 16, 5, near_copies=200)
+    cand, lab = split(rng, 1500, 300)
+    fast = CentreTracker(DenseEmbedding(F, as_weights(G, 1500)), cand, 300)
+    fast.init_centres(lab)
+    exact = CentreTracker(DenseEmbedding(F, as_weights(G, 1500)), cand, 300)
+    exact.use_faiss = False
+    exact.init_centres(lab)
+    np.testing.assert_array_equal(fast.distances(), exact.distances())
+    X, C = dense[cand], dense[lab]
+    full = np.min(((X[:, None, :] - C[None, :, :]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(fast.distances(), full, rtol=1e-10, atol=1e-300)
+
+
 TORCH_ENGINES = {
     "torch-cpu-pruned": lambda F, w, c, lab, b: k_center_greedy(F, w, c, lab, b, backend="torch"),
     "torch-cpu-unpruned": lambda F, w, c, lab, b: k_center_greedy(

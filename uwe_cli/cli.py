@@ -15,6 +15,7 @@ from uwe_cli.commands import extract as extract_cmd
 from uwe_cli.commands import inspect as inspect_cmd
 from uwe_cli.commands import report as report_cmd
 from uwe_cli.commands import select as select_cmd
+from uwe_cli.commands import simulate as simulate_cmd
 from uwe_cli.commands._common import fail
 
 
@@ -67,6 +68,7 @@ app.command("select")(select_cmd.select)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("export")(export_cmd.export)
 app.command("report")(report_cmd.report)
+app.command("simulate")(simulate_cmd.simulate)
 extract_app.command("classification")(extract_cmd.classification)
 extract_app.command("segmentation")(extract_cmd.segmentation)
 extract_app.command("detection")(extract_cmd.detection)

@@ -13,6 +13,10 @@ class SelectionError(UweError):
     """The selection request cannot be met (budget, labeled/exclude files, strategy needs)."""
 
 
+class LabelError(UweError):
+    """Ground-truth labels that cannot be used (missing, unknown IDs, a single class)."""
+
+
 class ModelError(UweError):
     """A model name, factory, checkpoint or layer that cannot be used."""
 

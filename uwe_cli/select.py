@@ -3,7 +3,8 @@
 One pipeline: open the pool (kind decided once), check memory, read, split into labeled / excluded /
 candidates, build a `SelectionProblem` whose tracker factory knows the pool kind and device, run the
 registered strategy, and return the batch with a summary. Every bad input raises a UweError before
-any output exists.
+any output exists. `select_loaded` is the part after the read, so callers holding a pool in memory
+(`uwe simulate`, which selects many times per run) use exactly the code `uwe select` runs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class SelectResult:
     batch: Batch
     summary: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    rows: np.ndarray | None = None  # pool rows of the batch, in pick order
 
 
 def parse_memory(text: str) -> int:
@@ -146,7 +148,16 @@ def resolve_split(
         warnings.append(f"{missing_labeled} labeled IDs are not in the pool (ignored)")
     if missing_excluded:
         warnings.append(f"{missing_excluded} excluded IDs are not in the pool (ignored)")
-    n = len(pool_ids)
+    split = split_rows(len(pool_ids), labeled_rows, exclude_rows, budget)
+    split.missing_labeled = missing_labeled
+    split.warnings = warnings
+    return split
+
+
+def split_rows(n: int, labeled_rows: np.ndarray, exclude_rows: np.ndarray, budget: int) -> PoolSplit:
+    """Labeled / excluded / candidate rows of an n-row pool from row indices; a labeled row is never excluded."""
+    labeled_rows = np.unique(np.asarray(labeled_rows, dtype=np.int64))
+    exclude_rows = np.unique(np.asarray(exclude_rows, dtype=np.int64))
     in_play = np.ones(n, dtype=bool)
     in_play[exclude_rows] = False
     is_cand = in_play.copy()
@@ -159,7 +170,7 @@ def resolve_split(
             f"--budget {budget} is larger than the {candidates.size} candidates "
             f"({n} in the pool, {labeled_rows.size} labeled, {excluded.size} excluded)"
         )
-    return PoolSplit(labeled_rows, excluded, candidates, in_play, missing_labeled, warnings)
+    return PoolSplit(labeled_rows, excluded, candidates, in_play, 0, [])
 
 
 @dataclass
@@ -194,9 +205,9 @@ def _unit_problem(
         if embedding == "badge":
             assert pool.probs is not None
             G = badge_weights(pool.probs)
-        # The pipeline does not read the features after selection: the engine may reorder them in place
-        # instead of copying them.
-        dense = DenseEmbedding(pool.features, as_weights(G, pool.size), True, opts["spare_bytes"])
+        # `uwe select` does not read the features after selection: there the engine may reorder them in
+        # place instead of copying them.
+        dense = DenseEmbedding(pool.features, as_weights(G, pool.size), opts["reorder"], opts["spare_bytes"])
         cls = tracker_class("unit", backend)
         return cls(dense, split.candidates, capacity, prune=opts["prune"], device=device)
 
@@ -286,6 +297,59 @@ def run_select(
     need_uncertainty = strat.needs_uncertainty or uncertainty not in (None, "", "auto")
     pool = source.read(uncertainty, need_uncertainty=need_uncertainty, need_probs=strat.needs_probs)
     split = resolve_split(pool.ids, labeled_ids, exclude_ids, budget)
+    result = select_loaded(
+        pool,
+        split,
+        budget,
+        strategy=strategy,
+        tau=tau,
+        normalize=normalize,
+        aggregate=aggregate,
+        seed=seed,
+        backend=backend,
+        device=device,
+        prune=prune,
+        progress=progress,
+        reorder=True,
+        spare_bytes=spare,
+    )
+    result.summary["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def select_loaded(
+    pool: UnitPool | DetectionPool,
+    split: PoolSplit,
+    budget: int,
+    strategy: str = "uwe",
+    tau: float = 1.0,
+    normalize: str = "minmax",
+    aggregate: str = "max",
+    seed: int = 0,
+    backend: str = "numba",
+    device: str = "cpu",
+    prune: bool = True,
+    progress: Progress | None = None,
+    reorder: bool = False,
+    spare_bytes: int | None = None,
+) -> SelectResult:
+    """Select `budget` units from a pool already in memory, given its split (`resolve_split`, `split_rows`).
+
+    The body of `run_select` after the read: a unit pool's `uncertainty` (and `probs`, for badge) may come
+    from anywhere, e.g. a probe refitted each cycle, without writing or re-reading Parquet. `reorder` lets
+    the engine permute `pool.features` in place (the caller must not use them afterwards); `spare_bytes`
+    is the memory it may spend on optional speed-ups (see `DenseEmbedding`).
+    """
+    started = time.perf_counter()
+    strat = get_strategy(strategy, pool.kind)
+    if budget <= 0:
+        raise SelectionError(f"--budget must be at least 1, got {budget}")
+    check_selection_options(tau, normalize, aggregate)
+    if isinstance(pool, UnitPool):
+        if strat.needs_uncertainty and pool.uncertainty is None:
+            raise SelectionError(f"--strategy {strategy} needs an uncertainty column")
+        if strat.needs_probs and pool.probs is None:
+            raise SelectionError(f"--strategy {strategy} needs class probabilities (a probs column)")
     opts = {
         "budget": budget,
         "seed": seed,
@@ -294,7 +358,8 @@ def run_select(
         "aggregate": aggregate,
         "prune": prune,
         "progress": progress,
-        "spare_bytes": spare,
+        "spare_bytes": spare_bytes,
+        "reorder": reorder,
     }
     build = _detection_problem if isinstance(pool, DetectionPool) else _unit_problem
     built = build(pool, split, strat, opts, backend, device)  # type: ignore[arg-type]
@@ -331,4 +396,4 @@ def run_select(
         "skipped_distance_fraction": out.skipped_fraction,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return SelectResult(batch, summary, split.warnings + built.warnings)
+    return SelectResult(batch, summary, split.warnings + built.warnings, rows)
