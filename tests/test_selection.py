@@ -316,10 +316,11 @@ F = rng.random((n, d), dtype=np.float32) * 3
 G = rng.random((n, 2))
 E = kern.embed(G[7], F[7])
 rows = np.arange(n, dtype=np.int64)
+norms = np.sqrt(kern.sq_norms(G, F, rows))
 out = []
 for fn in (kern.lower_exact, kern.lower_exact_parallel):
     D = np.full(n, np.inf); near = np.full(n, -1, np.int32)
-    fn(G, F, rows, D, near, rows, n, E, 0)
+    fn(G, F, rows, D, near, rows, n, E, 0, norms, G[7], F[7], float((E * E).sum()))
     out.append(D)
 centres = np.array([7, 100, 300])
 D3 = np.empty(n); near3 = np.empty(n, np.int32)

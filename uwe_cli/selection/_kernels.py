@@ -348,14 +348,39 @@ def keep_exact(todo, m, flags):
     return w, screened
 
 
+# Outer-product rows (BADGE, K > 1): ‖a − b‖² = ‖a‖² + ‖b‖² − 2(g_a·g_b)(f_a·f_b) costs K + d instead of
+# K·d. The form cancels, so it serves only as a lower bound, lowered by this fraction of ‖a‖² + ‖b‖² (its
+# rounding is ~1e-13 of it): a candidate it clears is skipped, any other gets the exact distance.
+OUTER_SLACK = 1e-9
+
+
+@njit(cache=True, inline="always")
+def _outer_cleared(g, X, r, cg, cx, nr, csq, d):  # pragma: no cover - compiled
+    """True when the O(K + d) bound proves ‖g[r]⊗X[r] − cg⊗cx‖² ≥ d (nr: the row's norm, csq: the
+    centre's squared norm). Decides no value, only whether the exact distance is needed."""
+    gg = 0.0
+    for k in range(g.shape[1]):
+        gg += g[r, k] * cg[k]
+    ff = 0.0
+    for j in range(X.shape[1]):
+        ff += np.float64(X[r, j]) * np.float64(cx[j])
+    nsq = nr * nr + csq
+    return nsq - 2.0 * gg * ff - OUTER_SLACK * nsq >= d
+
+
 @njit(cache=True)
-def lower_exact(g, X, xrow, D, near, todo, m, E, new_id):
-    """D = min(D, exact float64 distance to E) for the listed slots (one thread); returns how many improved."""
+def lower_exact(g, X, xrow, D, near, todo, m, E, new_id, norms, cg, cx, csq):  # pragma: no cover - compiled
+    """D = min(D, exact float64 distance to E) for the listed slots (one thread); returns how many improved.
+    For K > 1 a slot the outer-product bound clears is skipped (its D cannot change)."""
+    outer = g.shape[1] > 1
     improved = 0
     for q in range(m):
         s = todo[q]
         d = D[s]
-        v = _sq_dist(g, X, xrow[s], E, d)
+        r = xrow[s]
+        if outer and _outer_cleared(g, X, r, cg, cx, norms[s], csq, d):
+            continue
+        v = _sq_dist(g, X, r, E, d)
         if v < d:
             D[s] = v
             near[s] = new_id
@@ -364,13 +389,17 @@ def lower_exact(g, X, xrow, D, near, todo, m, E, new_id):
 
 
 @njit(parallel=True, cache=True)
-def lower_exact_parallel(g, X, xrow, D, near, todo, m, E, new_id):
+def lower_exact_parallel(g, X, xrow, D, near, todo, m, E, new_id, norms, cg, cx, csq):  # pragma: no cover
     """As `lower_exact`, across all threads (slots are distinct, so writes never collide)."""
+    outer = g.shape[1] > 1
     improved = 0
     for q in prange(m):
         s = todo[q]
         d = D[s]
-        v = _sq_dist(g, X, xrow[s], E, d)
+        r = xrow[s]
+        if outer and _outer_cleared(g, X, r, cg, cx, norms[s], csq, d):
+            continue
+        v = _sq_dist(g, X, r, E, d)
         if v < d:
             D[s] = v
             near[s] = new_id

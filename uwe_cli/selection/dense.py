@@ -13,6 +13,8 @@ a bucket are read from contiguous memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from uwe_cli.selection import _kernels as kern
@@ -27,6 +29,9 @@ KNN_NEIGHBOURS = 16
 # an idle machine and many milliseconds on a loaded one.
 PARALLEL_MIN_WORK = 4_000_000
 SEARCH_CHUNK_ROWS = 65_536
+OUTER_CHUNK_ENTRIES = 8_000_000  # (candidate, centre) pairs per block of the outer-product proposal
+# (slot rows, their norms) -> (proposed centres, approximate squared distances, their tolerance) for `refine_knn`.
+Proposal = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 # Slots are regrouped by bucket when the number of centres reaches 32, 128, 512, ... (each regrouping
 # is one pass over the features), if the features are large enough for locality to matter.
 RELAYOUT_FIRST = 32
@@ -213,39 +218,29 @@ class CentreTracker(Tracker):
         self.centre_rows[:L] = rows
         every = np.arange(L)
         self.Cnorm[:L] = np.sqrt(kern.sq_norms(self.Cg, self.CX, every))
-        emb_lab = _embed32(self.Cg, self.CX, every)
-        index = faiss.IndexFlatL2(emb_lab.shape[1])
-        index.add(emb_lab)
-        lab_norm2 = float((emb_lab.astype(np.float64) ** 2).sum(axis=1).max())
-        dim = emb_lab.shape[1]
-        del emb_lab
-        # Worst-case float32 error of ‖x‖²+‖y‖²−2x·y, relative to the norms involved.
-        rel = max(1e-5, 4.0 * dim * float(np.finfo(np.float32).eps))
         kk = min(KNN_NEIGHBOURS, L)
         D = np.empty(n)
         near = np.empty(n, dtype=self.near.dtype)
         unsure = np.zeros(n, dtype=np.bool_)
         slots_rows = self.xrow[:n].astype(np.int64)
+        propose = self._outer_proposal(L, kk) if self.g.shape[1] > 1 else self._faiss_proposal(L, kk, faiss)
         for start in range(0, n, SEARCH_CHUNK_ROWS):
             sl = slice(start, min(start + SEARCH_CHUNK_ROWS, n))
-            q = _embed32(self.g, self.X, slots_rows[sl])
-            sq32, idx = index.search(q, kk)
-            tol = rel * ((q.astype(np.float64) ** 2).sum(axis=1) + lab_norm2) + 1e-30
-            del q
+            idx, approx, tol = propose(slots_rows[sl], self.norms[sl])
             kern.refine_knn(
                 self.g,
                 self.X,
                 slots_rows[sl],
                 self.Cg[:L],
                 self.CX[:L],
-                idx.astype(np.int64),
-                sq32.astype(np.float64),
+                idx,
+                approx,
                 tol,
                 D[sl],
                 near[sl],
                 unsure[sl],
             )
-        del index
+        del propose
         self.stats.evaluated += n * kk
         self.stats.possible += n * L
         which = np.flatnonzero(unsure)
@@ -280,6 +275,56 @@ class CentreTracker(Tracker):
             self._relayout_rows()
         while self._next_relayout <= self.k:
             self._next_relayout *= RELAYOUT_FACTOR
+
+    def _faiss_proposal(self, L: int, kk: int, faiss) -> Proposal:
+        """Neighbour proposals from FAISS's float32 k-NN over the L centres' embeddings, with the float32
+        error bound of each squared distance (‖x‖² + ‖y‖² − 2x·y, relative to the norms involved)."""
+        every = np.arange(L)
+        emb_lab = _embed32(self.Cg, self.CX, every)
+        index = faiss.IndexFlatL2(emb_lab.shape[1])
+        index.add(emb_lab)
+        lab_norm2 = float((emb_lab.astype(np.float64) ** 2).sum(axis=1).max())
+        rel = max(1e-5, 4.0 * emb_lab.shape[1] * float(np.finfo(np.float32).eps))
+        del emb_lab
+
+        def propose(rows: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            q = _embed32(self.g, self.X, rows)
+            sq32, idx = index.search(q, kk)
+            tol = rel * ((q.astype(np.float64) ** 2).sum(axis=1) + lab_norm2) + 1e-30
+            return idx.astype(np.int64), sq32.astype(np.float64), tol
+
+        return propose
+
+    def _outer_proposal(self, L: int, kk: int) -> Proposal:
+        """Neighbour proposals for outer-product rows (BADGE, K > 1) without K·d vectors: ‖a − b‖² =
+        ‖a‖² + ‖b‖² − 2(g_a·g_b)(f_a·f_b) from two float64 matrix products, K and d wide instead of K·d
+        (FAISS on 10 × 512 = 5,120-wide vectors was most of a BADGE cycle). The form cancels, so its
+        tolerance is `kern.OUTER_SLACK` of the norms, far above its rounding; `refine_knn` decides exactly."""
+        Cg, CX = self.Cg[:L], self.CX[:L].astype(np.float64)
+        lab_sq = self.Cnorm[:L] ** 2
+        lab_max = float(lab_sq.max())
+
+        def propose(rows: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            q_sq = norms**2
+            idx_all = np.empty((rows.size, kk), dtype=np.int64)
+            vals_all = np.empty((rows.size, kk))
+            step = max(256, OUTER_CHUNK_ENTRIES // L)
+            for a in range(0, rows.size, step):
+                r = rows[a : a + step]
+                approx = (self.g[r] @ Cg.T) * (self.X[r].astype(np.float64) @ CX.T)
+                approx *= -2.0
+                approx += q_sq[a : a + step, None]
+                approx += lab_sq[None, :]
+                idx = (
+                    np.argpartition(approx, kk - 1, axis=1)[:, :kk] if kk < L else np.argsort(approx, axis=1)
+                )
+                vals = np.take_along_axis(approx, idx, axis=1)
+                order = np.argsort(vals, axis=1, kind="stable")
+                idx_all[a : a + step] = np.take_along_axis(idx, order, axis=1)
+                vals_all[a : a + step] = np.take_along_axis(vals, order, axis=1)
+            return idx_all, vals_all, kern.OUTER_SLACK * (q_sq + lab_max)
+
+        return propose
 
     def _farthest_first(self, rows: np.ndarray) -> np.ndarray:
         L = rows.size
@@ -351,7 +396,21 @@ class CentreTracker(Tracker):
         )
         exact, screened = kern.keep_exact(self._todo, m, self._flags)
         lower = kern.lower_exact_parallel if exact * E.size >= PARALLEL_MIN_WORK else kern.lower_exact
-        improved = lower(self.g, self.X, self.xrow, self.D, self.near, self._todo, exact, E, k)
+        improved = lower(
+            self.g,
+            self.X,
+            self.xrow,
+            self.D,
+            self.near,
+            self._todo,
+            exact,
+            E,
+            k,
+            self.norms,
+            gr,
+            f,
+            cnorm * cnorm,
+        )
         scanned, m = m, exact  # from here on todo lists the slots that got an exact distance
         if self.count[self.orphan] == 0 and self.used + improved > self.D.size:
             self._compact(new_id=k)  # no room to append them: compact, with the improved ones last
