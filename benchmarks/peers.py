@@ -266,7 +266,8 @@ def _peak():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return -1.0
-atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps({"peak_rss_mb": _peak()})))
+_out = sys.argv[1]
+atexit.register(lambda: open(_out, "w").write(json.dumps({"peak_rss_mb": _peak()})))
 sys.argv = ["uwe", *sys.argv[2:]]
 from uwe_cli.cli import main
 sys.exit(main())

@@ -100,6 +100,30 @@ def test_unit_pool_batches_are_byte_identical(unit_pool: Path, tmp_path: Path, s
         batches_equal(unit_pool, tmp_path, *common, "--tau", "0.5", workers=1)
 
 
+@pytest.mark.parametrize("strategy", ["uwe", "kmeanspp"])
+def test_compiled_engine_batches_are_byte_identical(tmp_path: Path, strategy: str) -> None:
+    """A pool whose selection is too much work for the numpy engine: local and Ray both run the compiled
+    bucket engine (its screen, buckets and float64 kernels), and the batch files still match."""
+    from uwe_cli.selection.small import is_small
+
+    rng = np.random.default_rng(5)
+    n, d, budget = 20_000, 256, 60
+    assert not is_small(n, d, budget + 4)
+    F = np.maximum(rng.gamma(2.0, 1.0, (40, d))[rng.integers(0, 40, n)] + rng.normal(0, 0.5, (n, d)), 0)
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    whole = write_pool(tmp_path / "whole.parquet", F.astype(np.float32), rng.random(n))
+    table = pq.read_table(whole)
+    for k, (a, b) in enumerate([(0, 7_000), (7_000, n)]):
+        pq.write_table(table.slice(a, b - a), folder / f"part-{k}.parquet")
+    labeled = tmp_path / "labeled.txt"
+    ids = table.column("id").to_pylist()
+    labeled.write_text("".join(ids[i] + "\n" for i in (5, 700, 12_000, 19_999)))
+    batches_equal(
+        folder, tmp_path, "--budget", budget, "--strategy", strategy, "--labeled", labeled, workers=2
+    )
+
+
 @pytest.fixture(scope="module")
 def detection_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("det") / "pool"
