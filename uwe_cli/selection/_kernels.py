@@ -368,42 +368,37 @@ def _outer_cleared(g, X, r, cg, cx, nr, csq, d):  # pragma: no cover - compiled
     return nsq - 2.0 * gg * ff - OUTER_SLACK * nsq >= d
 
 
+@njit(cache=True, inline="always")
+def _lower_slot(g, X, xrow, D, near, s, E, new_id, norms, cg, cx, csq):  # pragma: no cover - compiled
+    """D[s] = min(D[s], exact float64 distance to E); 1 when it improved. For K > 1 a slot the
+    outer-product bound clears is skipped (its D cannot change)."""
+    d = D[s]
+    r = xrow[s]
+    if g.shape[1] > 1 and _outer_cleared(g, X, r, cg, cx, norms[s], csq, d):
+        return 0
+    v = _sq_dist(g, X, r, E, d)
+    if v < d:
+        D[s] = v
+        near[s] = new_id
+        return 1
+    return 0
+
+
 @njit(cache=True)
 def lower_exact(g, X, xrow, D, near, todo, m, E, new_id, norms, cg, cx, csq):  # pragma: no cover - compiled
-    """D = min(D, exact float64 distance to E) for the listed slots (one thread); returns how many improved.
-    For K > 1 a slot the outer-product bound clears is skipped (its D cannot change)."""
-    outer = g.shape[1] > 1
+    """`_lower_slot` for the listed slots (one thread); returns how many improved."""
     improved = 0
     for q in range(m):
-        s = todo[q]
-        d = D[s]
-        r = xrow[s]
-        if outer and _outer_cleared(g, X, r, cg, cx, norms[s], csq, d):
-            continue
-        v = _sq_dist(g, X, r, E, d)
-        if v < d:
-            D[s] = v
-            near[s] = new_id
-            improved += 1
+        improved += _lower_slot(g, X, xrow, D, near, todo[q], E, new_id, norms, cg, cx, csq)
     return improved
 
 
 @njit(parallel=True, cache=True)
 def lower_exact_parallel(g, X, xrow, D, near, todo, m, E, new_id, norms, cg, cx, csq):  # pragma: no cover
     """As `lower_exact`, across all threads (slots are distinct, so writes never collide)."""
-    outer = g.shape[1] > 1
     improved = 0
     for q in prange(m):
-        s = todo[q]
-        d = D[s]
-        r = xrow[s]
-        if outer and _outer_cleared(g, X, r, cg, cx, norms[s], csq, d):
-            continue
-        v = _sq_dist(g, X, r, E, d)
-        if v < d:
-            D[s] = v
-            near[s] = new_id
-            improved += 1
+        improved += _lower_slot(g, X, xrow, D, near, todo[q], E, new_id, norms, cg, cx, csq)
     return improved
 
 

@@ -416,20 +416,7 @@ class CentreTracker(Tracker):
             self._compact(new_id=k)  # no room to append them: compact, with the improved ones last
         else:
             self.used = kern.apply(
-                self.start,
-                self.count,
-                self.maxD,
-                self.argslot,
-                self.D,
-                self.near,
-                self.norms,
-                self.orig,
-                self.xrow,
-                self.slot_of,
-                self.Q,
-                self.qa,
-                self.qr,
-                self.screen,
+                *self._slot_records(),
                 buckets,
                 nb,
                 self._todo,
@@ -449,7 +436,11 @@ class CentreTracker(Tracker):
                 self._relayout_rows()
 
     def _compact(self, new_id: int = -1) -> None:
-        self.used = kern.compact(
+        self.used = kern.compact(*self._slot_records(), self.capacity + 1, new_id)
+
+    def _slot_records(self) -> tuple:
+        """Bucket ranges and slot records, in the order `kern.apply` and `kern.compact` take them."""
+        return (
             self.start,
             self.count,
             self.maxD,
@@ -464,8 +455,6 @@ class CentreTracker(Tracker):
             self.qa,
             self.qr,
             self.screen,
-            self.capacity + 1,
-            new_id,
         )
 
     def _relayout_rows(self) -> None:
