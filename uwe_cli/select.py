@@ -99,6 +99,19 @@ def warm_up_dense_engine(labeled: int) -> threading.Thread:
     return thread
 
 
+def check_request(
+    strategy: str, budget: int, seed: int, tau: float, normalize: str, aggregate: str
+) -> Strategy:
+    """The checks every selection entry point makes before reading anything; the strategy."""
+    strat = get_strategy(strategy)
+    if budget <= 0:
+        raise SelectionError(f"--budget must be at least 1, got {budget}")
+    if seed < 0:
+        raise SelectionError(f"--seed must be >= 0, got {seed}")
+    check_selection_options(tau, normalize, aggregate)
+    return strat
+
+
 def unit_engine(source: PoolSource, strat: Strategy, labeled: int, budget: int) -> str:
     """The CPU engine for a pool: "numpy" for small unit-pool problems (no compiler to load), else "numba".
 
@@ -273,12 +286,7 @@ def run_select(
 ) -> SelectResult:
     """Select `budget` units. Raises UweError subclasses for every bad input, before any output exists."""
     started = time.perf_counter()
-    strat = get_strategy(strategy)
-    if budget <= 0:
-        raise SelectionError(f"--budget must be at least 1, got {budget}")
-    if seed < 0:
-        raise SelectionError(f"--seed must be >= 0, got {seed}")
-    check_selection_options(tau, normalize, aggregate)
+    strat = check_request(strategy, budget, seed, tau, normalize, aggregate)
     backend, device = resolve_device(device)
     source = open_pool(pools)
     get_strategy(strategy, source.kind)
@@ -341,10 +349,8 @@ def select_loaded(
     is the memory it may spend on optional speed-ups (see `DenseEmbedding`).
     """
     started = time.perf_counter()
+    check_request(strategy, budget, seed, tau, normalize, aggregate)
     strat = get_strategy(strategy, pool.kind)
-    if budget <= 0:
-        raise SelectionError(f"--budget must be at least 1, got {budget}")
-    check_selection_options(tau, normalize, aggregate)
     if isinstance(pool, UnitPool):
         if strat.needs_uncertainty and pool.uncertainty is None:
             raise SelectionError(f"--strategy {strategy} needs an uncertainty column")

@@ -33,13 +33,13 @@ import pyarrow.compute as pc
 
 from uwe_cli.batch import Batch
 from uwe_cli.cluster.connect import ClusterError, check_resources, ray_session
-from uwe_cli.embedding import check_selection_options, minmax_bounds, normalize_uncertainty, underflow_message
+from uwe_cli.embedding import minmax_bounds, normalize_uncertainty, underflow_message
 from uwe_cli.errors import ResourceError, SelectionError, UweError
 from uwe_cli.ids import read_id_file
 from uwe_cli.pool import PoolSource, open_pool
 from uwe_cli.pool.files import check_unique_ids
 from uwe_cli.schema import PASSTHROUGH_COLUMNS, check_ids
-from uwe_cli.select import SelectResult, human_bytes, resolve_split, unit_engine
+from uwe_cli.select import SelectResult, check_request, human_bytes, resolve_split, unit_engine
 from uwe_cli.selection.strategies import Strategy, badge_weights, get_strategy
 from uwe_cli.selection.tracker import Progress
 
@@ -382,14 +382,9 @@ def run_select_ray(
     `on_actors` receives the actor handles once they run (tests use it to kill one midway).
     """
     started = time.perf_counter()
-    strat = get_strategy(strategy)
-    if budget <= 0:
-        raise SelectionError(f"--budget must be at least 1, got {budget}")
-    if seed < 0:
-        raise SelectionError(f"--seed must be >= 0, got {seed}")
+    strat = check_request(strategy, budget, seed, tau, normalize, aggregate)
     if workers < 1:
         raise SelectionError(f"--workers must be at least 1, got {workers}")
-    check_selection_options(tau, normalize, aggregate)
     source = open_pool(pools)
     get_strategy(strategy, source.kind)
     labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
