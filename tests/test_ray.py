@@ -175,6 +175,10 @@ def test_errors_are_one_line(unit_pool: Path, tmp_path: Path) -> None:
     out = tmp_path / "b.csv"
     r = invoke("select", bad, "--budget", 5, "--ray", "--workers", 2, "--out", out)
     assert_one_line_error(r, "part-1.parquet", out)
+    r = invoke(
+        "select", unit_pool, "--budget", 5, "--ray", "--workers", 2, "--max-memory", "300M", "--out", out
+    )
+    assert_one_line_error(r, "a worker's share of the pool needs about", out)
     code = "import sys; sys.modules['ray'] = None\nfrom uwe_cli.cli import main; main()"
     for prefix, needle in [
         ([sys.executable, "-m", "uwe_cli.cli"], "cannot reach the Ray cluster at 127.0.0.1:9"),

@@ -352,3 +352,46 @@ def test_kernels_sum_the_same_way_compiled_fresh_or_from_cache(tmp_path):
     assert fresh == cached
     assert fresh[0] == fresh[1]  # serial and parallel update
     assert fresh[0] == fresh[3]  # a stored centre embedding and one formed on the fly: the same sums
+
+
+def test_labeled_init_certifies_rows_of_small_weight(rng):
+    """Rows whose uncertainty weight is tiny sit near the origin, where FAISS's float32 error (relative to
+    the largest centre norm) dwarfs their distances; the per-band norm bound still certifies most of
+    them, and every distance equals an exact full scan, twins and ties included."""
+    F = clustered(rng, 3000, 24, k=10)
+    F[2000:2050] = F[:50]  # candidates with a labeled twin: distance 0
+    w = rng.random(3000) ** 4  # many weights near zero
+    w[2050:2100] = w[:50]
+    cand, lab = np.arange(500, 3000), np.arange(500)
+    fast = CentreTracker(DenseEmbedding(F, as_weights(w, 3000)), cand, 500)
+    fast.init_centres(lab)
+    exact = CentreTracker(DenseEmbedding(F, as_weights(w, 3000)), cand, 500)
+    exact.use_faiss = False
+    exact.init_centres(lab)
+    np.testing.assert_array_equal(fast.distances(), exact.distances())
+    E = dense_embeddings(F, w)
+    full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(fast.distances(), full, rtol=1e-12, atol=1e-300)
+    assert fast.stats.unsure_rows < 0.05 * cand.size
+    ref_picks, _ = kcg_reference(E, cand, lab, 60)
+    np.testing.assert_array_equal(k_center_greedy(F, w, cand, lab, 60).positions, ref_picks)
+
+
+def test_norm_band_bound_is_a_lower_bound(rng):
+    """`_norm_band_bound` never exceeds the true squared distance to a centre whose float32 distance is at
+    least the given last value."""
+    C = rng.normal(size=(300, 8)) * rng.random((300, 1)) ** 3
+    Q = rng.normal(size=(500, 8)) * rng.random((500, 1)) ** 3
+    true = ((Q[:, None, :] - C[None]) ** 2).sum(-1)
+    rel = 1e-5
+    cn = np.sort(np.linalg.norm(C, axis=1))
+    edges = np.linspace(0, 300, 17).astype(int)
+    bands = np.stack([cn[edges[:-1]], cn[edges[1:] - 1]], axis=1)
+    qn = np.linalg.norm(Q, axis=1)
+    # Worst case allowed for float32: every centre's value is as low as its error bound lets it be.
+    approx = true - rel * (qn[:, None] ** 2 + np.linalg.norm(C, axis=1)[None] ** 2)
+    last = np.sort(approx, axis=1)[:, 3]
+    bound = engine._norm_band_bound(qn, last, rel, bands)
+    beyond = approx >= last[:, None]
+    assert (bound[:, None] <= np.where(beyond, true, np.inf) * (1 + 1e-12)).all()
+    assert (bound > last - rel * (qn**2 + cn[-1] ** 2)).mean() > 0.5  # tighter than the global bound

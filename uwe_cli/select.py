@@ -292,6 +292,7 @@ def run_select(
     get_strategy(strategy, source.kind)
     need = check_memory(source, max_memory)
     limit = max_memory if max_memory is not None else available_memory()
+    # What the engine may spend on optional speed-ups (the int8 screen).
     spare = None if limit is None else max(0, limit - need)
     labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
     exclude_ids = read_id_file(exclude, "--exclude") if exclude else []

@@ -394,7 +394,7 @@ def run_select_ray(
     shards = _partition(index, workers)
     shard_units = [units for _, units in shards]
     if max_memory is not None:  # the limit applies to each worker's share
-        need = max(source.estimate_bytes() * len(rows) // max(source.rows, 1) for rows, _ in shards)
+        need = max(source.estimate_bytes(len(rows)) for rows, _ in shards)
         if need > max_memory:
             raise ResourceError(
                 f"a worker's share of the pool needs about {human_bytes(need)} but --max-memory allows "

@@ -43,9 +43,11 @@ __all__ = [
 
 # Working memory of selection beyond the feature matrix, per row: distances, nearest centre, norms,
 # norm order and positions, weights, IDs (measured ~110 bytes at 10M rows); boxes also keep their
-# image, label, row, score and coordinates.
-PER_ROW_OVERHEAD_BYTES = 120
+# image, label, row, score and coordinates. RUNTIME_BYTES: the interpreter and the libraries a selection
+# loads (numba, Arrow, FAISS) with what their allocators keep (measured 250–400 MB).
+PER_ROW_OVERHEAD_BYTES = 150
 PER_BOX_OVERHEAD_BYTES = 180
+RUNTIME_BYTES = 400 << 20
 
 
 @dataclass
@@ -109,11 +111,12 @@ class PoolSource:
                 return len(valid[0].as_py())
         return 0
 
-    def estimate_bytes(self) -> int:
-        """Memory selection needs for this pool, from file metadata only (an upper bound for boxes)."""
+    def estimate_bytes(self, rows: int | None = None) -> int:
+        """Memory selection needs for this pool (or for `rows` of it, one worker's share), from file
+        metadata only (an upper bound for boxes)."""
         per_row = 4 * self.feature_dim()
         per_row += PER_BOX_OVERHEAD_BYTES if self.kind == "detection" else PER_ROW_OVERHEAD_BYTES
-        return self.rows * per_row
+        return (self.rows if rows is None else rows) * per_row + RUNTIME_BYTES
 
     def read(
         self,

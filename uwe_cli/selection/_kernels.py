@@ -9,14 +9,13 @@ order of summation. Distances are squared Euclidean, summed as direct difference
 
 Layout used by `dense.CentreTracker`:
 
-- *rows*: the candidates' feature rows `X` (float32) and weights `g` (float64), regrouped rarely (a
-  pass over the matrix).
+- *rows*: the candidates' feature rows `X` (float32), weights `g` (float64) and int8 screen rows `Q`
+  with their scale `qa` and error bound `qr`, regrouped rarely (a pass over the matrix) into slot order.
 - *slots*: one record per candidate (D, nearest centre `near`, embedding norm, position `orig` in the
-  caller's candidate array, feature row `xrow`, and the int8 screen row `Q` with its scale `qa` and
-  error bound `qr`), kept in *buckets*: bucket a (centre a) is the slot range
-  ``start[a] : start[a] + count[a]``, sorted by D, largest first. Candidates that a new centre improves
-  are copied to the end (its new bucket); the slot they leave is dead (D = -1) until the slots are
-  compacted. A scan over a bucket, screen included, is therefore a sequential read.
+  caller's candidate array, feature row `xrow`), kept in *buckets*: bucket a (centre a) is the slot
+  range ``start[a] : start[a] + count[a]``, sorted by D, largest first. Candidates that a new centre
+  improves are copied to the end (its new bucket); the slot they leave is dead (D = -1) until the slots
+  are compacted. Between regroupings most slots still read their rows in order.
 """
 
 from __future__ import annotations
@@ -152,6 +151,17 @@ def permute_rows(A, perm, done):
 
 
 @njit(parallel=True, cache=True)
+def gather_scaled(g, src, rows, out):
+    """out[i] = float32(g[rows[i], 0]) · src[rows[i]] in float32: the K = 1 embeddings FAISS searches."""
+    d = src.shape[1]
+    for i in prange(rows.size):
+        r = rows[i]
+        w = np.float32(g[r, 0])
+        for j in range(d):
+            out[i, j] = w * src[r, j]
+
+
+@njit(parallel=True, cache=True)
 def gather_rows(src, rows, out):
     """out[i] = src[rows[i]] (float32 rows), without numpy's temporary."""
     d = src.shape[1]
@@ -197,10 +207,10 @@ def build_screen(g, X, Q, qa, qr):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _screen_sq(Q, qa, s, c32):
-    """Σ (a32·q_j − c_j)² in float32 for slot s."""
-    a = qa[s]
-    q = Q[s]
+def _screen_sq(Q, qa, r, c32):
+    """Σ (a32·q_j − c_j)² in float32 for feature row r."""
+    a = qa[r]
+    q = Q[r]
     t = np.float32(0.0)
     for j in range(q.size):
         diff = a * np.float32(q[j]) - c32[j]
@@ -234,43 +244,60 @@ def _screened_out(t, d, norm_s, r_s, rc, bound):
     return np.float64(t) >= (1.0 + gamma) * (B * B + tiny_sum)
 
 
-@njit(cache=True)
-def reach(Cg, CX, Cnorm, k, E, cnorm, count, maxD, prune, orphan, out_b, out_cc):
-    """Buckets a new centre (embedding E, norm `cnorm`) might touch, with ‖c − a‖² for each.
+@njit(cache=True, inline="always")
+def _bucket_cc(Cg, CX, Cnorm, a, E, cnorm, count, maxD, prune):
+    """‖c − a‖² when bucket a is in reach of the new centre c, else -1."""
+    if count[a] == 0:
+        return -1.0
+    md = maxD[a]
+    if md <= 0.0:  # every live member sits on its centre (or none is live): nothing to improve
+        return -1.0
+    if not prune:
+        return 0.0
+    limit = 4.0 * md * PRUNE_MARGIN
+    gap = Cnorm[a] - cnorm
+    slack = NORM_SLACK * (Cnorm[a] + cnorm) * (Cnorm[a] + cnorm)
+    if gap * gap >= limit + slack:
+        return -1.0
+    cc = _sq_dist(Cg, CX, a, E, limit)
+    return -1.0 if cc >= limit else cc
 
-    Bucket a is out of reach when ‖c − a‖ ≥ 2·√max D(a): by the triangle inequality no member can get
-    closer to c than to a. The norm bound |‖c‖ − ‖a‖| ≤ ‖c − a‖ avoids most distance computations;
-    distances are abandoned as soon as they clear the bound. The orphan bucket (candidates without a
-    centre yet, D = ∞) is always in reach, with ‖c − a‖ = 0 (no pruning).
-    """
+
+@njit(cache=True)
+def _gather_reach(cc_all, k, count, orphan, out_b, out_cc):
     m = 0
     if count[orphan] > 0:
         out_b[m] = orphan
         out_cc[m] = 0.0
         m += 1
     for a in range(k):
-        if count[a] == 0:
-            continue
-        md = maxD[a]
-        if md <= 0.0:  # every live member sits on its centre (or none is live): nothing to improve
-            continue
-        if not prune:
+        if cc_all[a] >= 0.0:
             out_b[m] = a
-            out_cc[m] = 0.0
+            out_cc[m] = cc_all[a]
             m += 1
-            continue
-        limit = 4.0 * md * PRUNE_MARGIN
-        gap = Cnorm[a] - cnorm
-        slack = NORM_SLACK * (Cnorm[a] + cnorm) * (Cnorm[a] + cnorm)
-        if gap * gap >= limit + slack:
-            continue
-        cc = _sq_dist(Cg, CX, a, E, limit)
-        if cc >= limit:
-            continue
-        out_b[m] = a
-        out_cc[m] = cc
-        m += 1
     return m
+
+
+@njit(cache=True)
+def reach(Cg, CX, Cnorm, k, E, cnorm, count, maxD, prune, orphan, out_b, out_cc, cc_all):
+    """Buckets a new centre (embedding E, norm `cnorm`) might touch, with ‖c − a‖² for each.
+
+    Bucket a is out of reach when ‖c − a‖ ≥ 2·√max D(a): by the triangle inequality no member can get
+    closer to c than to a. The norm bound |‖c‖ − ‖a‖| ≤ ‖c − a‖ avoids most distance computations;
+    distances are abandoned as soon as they clear the bound. The orphan bucket (candidates without a
+    centre yet, D = ∞) is always in reach, with ‖c − a‖ = 0 (no pruning). `cc_all`: scratch, k long.
+    """
+    for a in range(k):
+        cc_all[a] = _bucket_cc(Cg, CX, Cnorm, a, E, cnorm, count, maxD, prune)
+    return _gather_reach(cc_all, k, count, orphan, out_b, out_cc)
+
+
+@njit(parallel=True, cache=True)
+def reach_parallel(Cg, CX, Cnorm, k, E, cnorm, count, maxD, prune, orphan, out_b, out_cc, cc_all):
+    """As `reach`, across all threads."""
+    for a in prange(k):
+        cc_all[a] = _bucket_cc(Cg, CX, Cnorm, a, E, cnorm, count, maxD, prune)
+    return _gather_reach(cc_all, k, count, orphan, out_b, out_cc)
 
 
 @njit(cache=True)
@@ -296,7 +323,7 @@ def collect(start, count, buckets, nb, cc_of, D, todo):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _triage(norms, D, near, cc_of, s, cnorm, prune, Q, qa, qr, c32, rc, bound, screen):
+def _triage(norms, D, near, cc_of, s, cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen):
     """0: a bound proves the new centre cannot improve slot s; 1: the int8 screen proves it; 2: only an
     exact distance can tell. `cc_of[a]` is ‖c − a‖² for the bucket a the slot belongs to (0 for the
     orphan bucket: no pruning)."""
@@ -313,24 +340,31 @@ def _triage(norms, D, near, cc_of, s, cnorm, prune, Q, qa, qr, c32, rc, bound, s
     slack = NORM_SLACK * (norms[s] + cnorm) * (norms[s] + cnorm)
     if gap * gap >= d * PRUNE_MARGIN + slack:
         return 0
-    if screen and _screened_out(_screen_sq(Q, qa, s, c32), d, norms[s], np.float64(qr[s]), rc, bound):
+    r = xrow[s]
+    if screen and _screened_out(_screen_sq(Q, qa, r, c32), d, norms[s], np.float64(qr[r]), rc, bound):
         return 1
     return 2
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def triage(norms, D, near, cc_of, todo, m, cnorm, prune, Q, qa, qr, c32, rc, bound, screen, flags):
+def triage(norms, D, near, cc_of, todo, m, cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen, flags):
     """flags[q] = `_triage` of slot todo[q] (one thread). Kept apart from the exact distances: a loop
     holding both compiles to slower code for each."""
     for q in range(m):
-        flags[q] = _triage(norms, D, near, cc_of, todo[q], cnorm, prune, Q, qa, qr, c32, rc, bound, screen)
+        flags[q] = _triage(
+            norms, D, near, cc_of, todo[q], cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen
+        )
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def triage_parallel(norms, D, near, cc_of, todo, m, cnorm, prune, Q, qa, qr, c32, rc, bound, screen, flags):
+def triage_parallel(
+    norms, D, near, cc_of, todo, m, cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen, flags
+):
     """As `triage`, across all threads."""
     for q in prange(m):
-        flags[q] = _triage(norms, D, near, cc_of, todo[q], cnorm, prune, Q, qa, qr, c32, rc, bound, screen)
+        flags[q] = _triage(
+            norms, D, near, cc_of, todo[q], cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen
+        )
 
 
 @njit(cache=True)
@@ -431,7 +465,7 @@ def bucket_top(start, count, maxD, argslot, orig, D, a):
 
 
 @njit(cache=True, inline="always")
-def _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, src, dst):
+def _move(D, near, norms, orig, xrow, slot_of, src, dst):
     """Copy slot src's record to slot dst."""
     D[dst] = D[src]
     near[dst] = near[src]
@@ -439,14 +473,10 @@ def _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, src, dst):
     orig[dst] = orig[src]
     xrow[dst] = xrow[src]
     slot_of[orig[src]] = dst
-    if screen:
-        Q[dst] = Q[src]
-        qa[dst] = qa[src]
-        qr[dst] = qr[src]
 
 
 @njit(cache=True)
-def _sort_range(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, lo, hi):
+def _sort_range(D, near, norms, orig, xrow, slot_of, lo, hi):
     """Sort the records of slots lo:hi by D, largest first (dead slots last)."""
     size = hi - lo
     keys = np.empty(size, dtype=np.float64)
@@ -461,10 +491,6 @@ def _sort_range(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, lo, hi):
     for j in range(lo, hi):
         if D[j] >= 0.0:  # the orphan range may hold picked (dead) slots
             slot_of[orig[j]] = j
-    if screen:
-        permute_rows(Q[lo:hi], order, np.empty(size, dtype=np.bool_))
-        qa[lo:hi] = qa[lo:hi][order]
-        qr[lo:hi] = qr[lo:hi][order]
 
 
 @njit(cache=True)
@@ -479,10 +505,6 @@ def apply(
     orig,
     xrow,
     slot_of,
-    Q,
-    qa,
-    qr,
-    screen,
     buckets,
     nb,
     todo,
@@ -504,12 +526,12 @@ def apply(
         for q in range(m):
             s = todo[q]
             if near[s] == new_id:
-                _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, s, tail)
+                _move(D, near, norms, orig, xrow, slot_of, s, tail)
                 D[s] = -1.0
                 tail += 1
         end = tail
     if tail - used > 1:
-        _sort_range(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, used, tail)
+        _sort_range(D, near, norms, orig, xrow, slot_of, used, tail)
     start[new_id] = used
     count[new_id] = tail - used
     for r in range(nb):
@@ -533,9 +555,7 @@ def best_bucket(maxD, argslot, count, orig, k, orphan):
 
 
 @njit(cache=True)
-def compact(
-    start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, nbuckets, new_id
-):
+def compact(start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, nbuckets, new_id):
     """Squeeze the dead slots out, keeping every bucket's order. Buckets are taken in the order they sit
     in, so every live slot moves left (never over one not yet moved).
 
@@ -565,9 +585,6 @@ def compact(
     anorm = np.empty(moved)
     aorig = np.empty(moved, dtype=orig.dtype)
     axrow = np.empty(moved, dtype=xrow.dtype)
-    aQ = np.empty((moved if screen else 0, Q.shape[1]), dtype=Q.dtype)
-    aqa = np.empty(moved, dtype=qa.dtype)
-    aqr = np.empty(moved, dtype=qr.dtype)
     w = 0
     j = 0
     for a in by_pos:
@@ -582,14 +599,10 @@ def compact(
                 anorm[j] = norms[s]
                 aorig[j] = orig[s]
                 axrow[j] = xrow[s]
-                if screen:
-                    aQ[j] = Q[s]
-                    aqa[j] = qa[s]
-                    aqr[j] = qr[s]
                 j += 1
                 continue
             if s != w:
-                _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, s, w)
+                _move(D, near, norms, orig, xrow, slot_of, s, w)
             w += 1
         start[a] = first
         count[a] = w - first
@@ -603,10 +616,6 @@ def compact(
             orig[w] = aorig[i]
             xrow[w] = axrow[i]
             slot_of[aorig[i]] = w
-            if screen:
-                Q[w] = aQ[i]
-                qa[w] = aqa[i]
-                qr[w] = aqr[i]
             w += 1
         start[new_id] = first
         count[new_id] = w - first

@@ -29,6 +29,8 @@ KNN_NEIGHBOURS = 16
 # an idle machine and many milliseconds on a loaded one.
 PARALLEL_MIN_WORK = 4_000_000
 SEARCH_CHUNK_ROWS = 65_536
+# Bands of labeled-centre norms for the certificate of `_norm_band_bound`.
+NORM_BANDS = 16
 OUTER_CHUNK_ENTRIES = 8_000_000  # (candidate, centre) pairs per block of the outer-product proposal
 # (slot rows, their norms) -> (proposed centres, approximate squared distances, their tolerance) for `refine_knn`.
 Proposal = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -43,22 +45,34 @@ SPARE_SLOTS = 0.5
 # Labeled centres are inserted farthest-first (spread-out centres first keep later reach small); the
 # order is computed by K-Center-Greedy over at most this many of them, the rest follow in row order.
 FARTHEST_FIRST_MAX = 4096
-# The int8 screen (see _kernels.build_screen) costs a byte per feature and slot (about 0.3× the float32
-# matrix). It is built for unweighted or scalar-weighted embeddings (K = 1) with at least SCREEN_MIN_DIM
-# features, when it fits in the spare memory and is at most SCREEN_MAX_BYTES: larger pools stay lean
-# (peak memory about 1.3× the matrix), and by then pruning does most of the work anyway.
+# The int8 screen (see _kernels.build_screen) costs a byte per feature and 8 bytes per candidate (0.25×
+# the float32 matrix). It is built for unweighted or scalar-weighted embeddings (K = 1) with at least
+# SCREEN_MIN_DIM features, when it fits in the spare memory (`DenseEmbedding.spare_bytes`): on 1M × 512
+# it takes the run from 86 s to 51 s; without it peak memory stays about 1.3× the matrix.
 SCREEN_MIN_DIM = 256
-SCREEN_MAX_BYTES = 512 << 20
 SCREEN = True
 
 
 def _embed32(G: np.ndarray, F: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """float32 embeddings of `rows`, for FAISS's approximate search only."""
-    block = F[rows].astype(np.float32, copy=False)
-    if G.shape[1] == 1:
-        return np.ascontiguousarray(block * G[rows].astype(np.float32))
-    out = G[rows][:, :, None].astype(np.float32) * block[:, None, :]
-    return np.ascontiguousarray(out.reshape(len(rows), -1))
+    """float32 embeddings G[r]·F[r] (K = 1) of `rows`, for FAISS's approximate search only."""
+    out = np.empty((rows.size, F.shape[1]), dtype=np.float32)
+    kern.gather_scaled(G, F, np.ascontiguousarray(rows, dtype=np.int64), out)
+    return out
+
+
+def _norm_band_bound(q_norm: np.ndarray, last: np.ndarray, rel: float, bands: np.ndarray) -> np.ndarray:
+    """A lower bound on a row's squared distance to every centre FAISS did not list before its last one.
+
+    Such a centre c has a float32 distance ≥ `last`, off by at most rel·(‖q‖² + ‖c‖²), and lies at least
+    |‖q‖ − ‖c‖| away. Taking both per band of centre norms [lo, hi] (`bands`, one row each) instead of
+    the largest norm of all keeps rows of small norm (small uncertainty weights) certifiable: for
+    them the global error bound dwarfs the distances, while the norm gap rules out the large centres.
+    """
+    lo, hi = bands[:, 0][None, :], bands[:, 1][None, :]
+    q = q_norm[:, None]
+    gap = np.maximum(np.maximum(lo - q, q - hi), 0.0)
+    by_error = last[:, None] - rel * (q * q + hi * hi)
+    return np.maximum(by_error, gap * gap * (1 - kern.NORM_SLACK)).min(axis=1)
 
 
 def _faiss():
@@ -89,6 +103,8 @@ class CentreTracker(Tracker):
         K, d = G.shape[1], F.shape[1]
         idx = np.int32 if n < 2**31 - 1 else np.int64
         sq = kern.sq_norms(G, F, candidates)
+        top = int(np.argmax(sq)) if n else -1
+        self._largest = (top, float(sq[top])) if n else None  # for `largest_norm`
         # Rows and slots start in norm order: a first, coarse locality for the first centres.
         order = np.argsort(sq, kind="stable").astype(idx)
         rows = candidates[order]
@@ -138,6 +154,7 @@ class CentreTracker(Tracker):
         self._flags = np.empty(n, dtype=np.int8)
         self._reach = np.empty(cap + 1, dtype=np.int64)
         self._reach_cc = np.empty(cap + 1, dtype=np.float64)
+        self._reach_all = np.empty(cap + 1, dtype=np.float64)
         self._cc = np.zeros(cap + 1, dtype=np.float64)
         self._dirty: set[int] = set()
         self.CX = np.empty((cap, d), dtype=np.float32)
@@ -152,18 +169,18 @@ class CentreTracker(Tracker):
         self.stats = TrackerStats()
         self.screen = bool(SCREEN and prune and K == 1 and d >= SCREEN_MIN_DIM and n)
         if self.screen:
-            need = cap_slots * (d + 8)
+            need = n * (d + 8)
             spare = embedding.spare_bytes
             if spare is None:
                 avail = available_memory()
                 spare = need if avail is None else avail // 2
-            self.screen = need <= min(spare, SCREEN_MAX_BYTES)
+            self.screen = need <= spare
         if self.screen:
-            # Screen rows live in slots (rows and slots coincide now): a bucket scan reads them in order.
-            self.Q = np.empty((cap_slots, d), dtype=np.int8)
-            self.qa = np.zeros(cap_slots, dtype=np.float32)
-            self.qr = np.zeros(cap_slots, dtype=np.float32)
-            kern.build_screen(self.g, self.X, self.Q[:n], self.qa[:n], self.qr[:n])
+            # Screen rows follow the feature rows (regrouped with them).
+            self.Q = np.empty((n, d), dtype=np.int8)
+            self.qa = np.zeros(n, dtype=np.float32)
+            self.qr = np.zeros(n, dtype=np.float32)
+            kern.build_screen(self.g, self.X, self.Q, self.qa, self.qr)
         else:
             self.Q = np.zeros((1, 1), dtype=np.int8)
             self.qa = np.zeros(1, dtype=np.float32)
@@ -185,9 +202,9 @@ class CentreTracker(Tracker):
     # -- Tracker interface -------------------------------------------------------------------------
 
     def largest_norm(self) -> tuple[int, float]:
-        sq = kern.sq_norms(self.g, self.X, self.rowpos.astype(np.int64))
-        t = int(np.argmax(sq))
-        return t, float(sq[t])
+        if self._largest is None:
+            raise ValueError("no candidate")
+        return self._largest
 
     def init_centres(self, rows: np.ndarray) -> None:
         """Start from a set of centres (the labeled rows): exact nearest-centre distance for every candidate.
@@ -261,10 +278,6 @@ class CentreTracker(Tracker):
         self.orig[:n] = self.orig[:n][order]
         self.xrow[:n] = self.xrow[:n][order]
         self.slot_of[self.orig[:n]] = np.arange(n, dtype=self.slot_of.dtype)
-        if self.screen:
-            kern.permute_rows(self.Q[:n], order, np.empty(n, dtype=np.bool_))
-            self.qa[:n] = self.qa[:n][order]
-            self.qr[:n] = self.qr[:n][order]
         sizes = np.bincount(self.near[:n], minlength=L)
         self.count[:L] = sizes
         self.start[:L] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -278,20 +291,29 @@ class CentreTracker(Tracker):
 
     def _faiss_proposal(self, L: int, kk: int, faiss) -> Proposal:
         """Neighbour proposals from FAISS's float32 k-NN over the L centres' embeddings, with the float32
-        error bound of each squared distance (‖x‖² + ‖y‖² − 2x·y, relative to the norms involved)."""
-        every = np.arange(L)
-        emb_lab = _embed32(self.Cg, self.CX, every)
+        error bound of each squared distance (‖x‖² + ‖y‖² − 2x·y, relative to the norms involved).
+
+        `refine_knn` flags a row for a full exact scan when its last proposal value, less the tolerance,
+        does not clear the exact best. That value is raised to `_norm_band_bound` + tolerance, which
+        bounds every centre from the last listed one on, so far fewer rows need the scan."""
+        emb_lab = _embed32(self.Cg, self.CX, np.arange(L))
         index = faiss.IndexFlatL2(emb_lab.shape[1])
         index.add(emb_lab)
-        lab_norm2 = float((emb_lab.astype(np.float64) ** 2).sum(axis=1).max())
-        rel = max(1e-5, 4.0 * emb_lab.shape[1] * float(np.finfo(np.float32).eps))
+        rel = max(1e-5, 4.0 * emb_lab.shape[1] * float(np.finfo(np.float32).eps)) * (1 + 1e-6)
         del emb_lab
+        cnorms = np.sort(self.Cnorm[:L])
+        edges = np.linspace(0, L, min(NORM_BANDS, L) + 1).astype(np.int64)
+        bands = np.stack([cnorms[edges[:-1]], cnorms[edges[1:] - 1]], axis=1)
+        lab_norm2 = float(cnorms[-1]) ** 2
 
         def propose(rows: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             q = _embed32(self.g, self.X, rows)
             sq32, idx = index.search(q, kk)
-            tol = rel * ((q.astype(np.float64) ** 2).sum(axis=1) + lab_norm2) + 1e-30
-            return idx.astype(np.int64), sq32.astype(np.float64), tol
+            vals = sq32.astype(np.float64)
+            tol = rel * (norms * norms + lab_norm2) + 1e-30
+            if kk < L:
+                vals[:, -1] = np.maximum(vals[:, -1], _norm_band_bound(norms, vals[:, -1], rel, bands) + tol)
+            return idx.astype(np.int64), vals, tol
 
         return propose
 
@@ -355,7 +377,9 @@ class CentreTracker(Tracker):
         self.Cnorm[k] = cnorm
         self.centre_rows[k] = row
         self._refresh_dirty()
-        nb = kern.reach(
+        # Most buckets are cleared by the norm bound before any feature is read: a lower threshold.
+        reach = kern.reach_parallel if 4 * k * self.X.shape[1] >= PARALLEL_MIN_WORK else kern.reach
+        nb = reach(
             self.Cg,
             self.CX,
             self.Cnorm,
@@ -368,6 +392,7 @@ class CentreTracker(Tracker):
             self.orphan,
             self._reach,
             self._reach_cc,
+            self._reach_all,
         )
         buckets = self._reach[:nb]
         self._cc[buckets] = self._reach_cc[:nb]
@@ -375,7 +400,7 @@ class CentreTracker(Tracker):
         screen = self.screen and float(np.abs(E).max()) <= kern.SCREEN_MAX_ABS
         c32 = E[0].astype(np.float32)
         rc = float(np.sqrt(((E[0] - c32.astype(np.float64)) ** 2).sum())) * (1 + 1e-9) if screen else 0.0
-        triage = kern.triage_parallel if m * (self.X.shape[1] // 4) >= PARALLEL_MIN_WORK else kern.triage
+        triage = kern.triage_parallel if m * self.X.shape[1] >= PARALLEL_MIN_WORK else kern.triage
         triage(
             self.norms,
             self.D,
@@ -385,6 +410,7 @@ class CentreTracker(Tracker):
             m,
             cnorm,
             self.prune,
+            self.xrow,
             self.Q,
             self.qa,
             self.qr,
@@ -451,10 +477,6 @@ class CentreTracker(Tracker):
             self.orig,
             self.xrow,
             self.slot_of,
-            self.Q,
-            self.qa,
-            self.qr,
-            self.screen,
         )
 
     def _relayout_rows(self) -> None:
@@ -468,6 +490,10 @@ class CentreTracker(Tracker):
         done = np.empty(self.n, dtype=np.bool_)
         kern.permute_rows(self.X, perm, done)
         kern.permute_rows(self.g, perm, done)
+        if self.screen:
+            kern.permute_rows(self.Q, perm, done)
+            self.qa[:] = self.qa[perm]
+            self.qr[:] = self.qr[perm]
         inv = np.empty_like(perm)
         inv[perm] = np.arange(self.n)
         self.rowpos[:] = inv[self.rowpos]
