@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from uwe_cli import storage
-from uwe_cli.errors import BatchError, StorageError
+from uwe_cli.errors import BatchError
 from uwe_cli.outputs import Output, open_output
 
 # The csv module refuses fields above 128 KiB by default; IDs have no length limit.
@@ -76,20 +75,8 @@ def read_batch(path: str | Path) -> Batch:
     quotes round-trip. Empty files, duplicate IDs and unreadable numbers are BatchErrors.
     """
     path = storage.as_location(path)
-    if not storage.is_url(path) and not Path(path).is_file():
-        raise BatchError(f"batch file not found: {path}")
-    try:
-        text = storage.read_bytes(path).decode("utf-8-sig")
-    except StorageError as exc:
-        raise BatchError(f"batch file {exc}") from None
-    except UnicodeDecodeError:
-        raise BatchError(f"batch file is not UTF-8 text: {path}") from None
-    except OSError as exc:
-        raise BatchError(f"batch file {path} cannot be read: {exc.strerror}") from None
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as exc:
-        raise BatchError(f"batch file {path}: not a readable CSV file ({exc})") from None
+    text = storage.read_text_file(path, "batch file", BatchError)
+    rows = storage.csv_rows(text, f"batch file {path}", BatchError)
     rows = [row for row in rows if row]
     if not rows or "id" not in rows[0]:
         raise BatchError(

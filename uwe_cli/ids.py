@@ -9,7 +9,6 @@ have. Lines are split on '\\n' only, so IDs may contain other Unicode line separ
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -26,31 +25,18 @@ csv.field_size_limit(2**31 - 1)
 def read_id_file(path: str | Path, option: str) -> list[str]:
     """IDs from a CSV whose header has an `id` column (a previous batch file works), else one per line."""
     path = storage.as_location(path)
-    if not storage.is_url(path) and not Path(path).is_file():
-        raise SelectionError(f"{option} file not found: {path}")
-    try:
-        text = storage.read_bytes(path).decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise SelectionError(f"{option} file is not UTF-8 text: {path}") from None
-    except OSError as exc:
-        raise SelectionError(f"{option} file {path} cannot be read: {exc.strerror}") from None
+    text = storage.read_text_file(path, f"{option} file", SelectionError)
     first, _, _ = text.partition("\n")
     header = [h.strip() for h in next(csv.reader([first.rstrip("\r")]), [])]
     if "id" in header:
         col = header.index("id")
-        ids = []
-        try:
-            for row in csv.reader(io.StringIO(text, newline="")):
-                if not row:
-                    continue
-                if col >= len(row):
-                    raise SelectionError(
-                        f"{option} file {path}: a row has no value in the 'id' column (row: {row[:3]})"
-                    )
-                ids.append(row[col])
-        except csv.Error as exc:
-            raise SelectionError(f"{option} file {path}: not a readable CSV file ({exc})") from None
-        return ids[1:]
+        rows = [row for row in storage.csv_rows(text, f"{option} file {path}", SelectionError) if row]
+        for row in rows:
+            if col >= len(row):
+                raise SelectionError(
+                    f"{option} file {path}: a row has no value in the 'id' column (row: {row[:3]})"
+                )
+        return [row[col] for row in rows[1:]]
     if storage.name(path).lower().endswith(".csv"):
         raise SelectionError(f"{option} file {path}: a CSV needs an 'id' column (header: {first[:80]})")
     return [line for line in (raw.rstrip("\r").strip(" \t") for raw in text.split("\n")) if line]

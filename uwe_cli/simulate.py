@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from uwe_cli import storage
 from uwe_cli.embedding import check_selection_options
 from uwe_cli.errors import LabelError, SelectionError
 from uwe_cli.outputs import Output, atomic_path, open_output, resolve_output
@@ -160,20 +161,8 @@ def _index_labels(n: int, rows: np.ndarray, values: list[str], source: str) -> L
 
 def read_labels_csv(path: str | Path, pool_ids: pa.Array) -> Labels:
     """Labels from a CSV with `id` and `label` columns; every ID must be in the pool, once."""
-    path = Path(path)
     option = f"--labels {path}"
-    if not path.is_file():
-        raise LabelError(f"--labels file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise LabelError(f"{option}: not UTF-8 text") from None
-    except OSError as exc:
-        raise LabelError(f"{option}: cannot be read ({exc.strerror})") from None
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as exc:
-        raise LabelError(f"{option}: not a readable CSV file ({exc})") from None
+    rows = storage.csv_rows(storage.read_text_file(path, "--labels file", LabelError), option, LabelError)
     header = [h.strip() for h in rows[0]] if rows else []
     if "id" not in header or "label" not in header:
         raise LabelError(

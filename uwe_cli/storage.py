@@ -14,6 +14,7 @@ only when complete: a failed or killed run leaves no object at the final key.
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -235,6 +236,30 @@ def open_input(location: Location, mode: str = "rb") -> IO[Any]:
     fs, path = filesystem(url)
     with remote_errors(url):
         return fs.open(path, mode)
+
+
+def read_text_file(location: Location, what: str, error: type[Exception]) -> str:
+    """A small UTF-8 text file (ID list, batch file, labels), local or remote; a one-line `error` naming
+    `what` when it is missing, unreadable or not UTF-8."""
+    location = as_location(location)
+    if not is_url(location) and not Path(location).is_file():
+        raise error(f"{what} not found: {location}")
+    try:
+        return read_bytes(location).decode("utf-8-sig")
+    except StorageError as exc:
+        raise error(f"{what} {exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} is not UTF-8 text: {location}") from None
+    except OSError as exc:
+        raise error(f"{what} {location} cannot be read: {exc.strerror}") from None
+
+
+def csv_rows(text: str, what: str, error: type[Exception]) -> list[list[str]]:
+    """Every row of a CSV text (quoted commas, quotes and newlines kept); `error` when it does not parse."""
+    try:
+        return list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise error(f"{what}: not a readable CSV file ({exc})") from None
 
 
 def read_bytes(location: Location) -> bytes:
