@@ -538,12 +538,16 @@ def _class_index(emb: ClasswiseEmbedding, centres: np.ndarray) -> tuple[np.ndarr
     return by_norm, class_ptr, owner[order]
 
 
-def check_image_indices(values: np.ndarray, emb: ClasswiseEmbedding, what: str) -> np.ndarray:
+def check_image_indices(
+    values: np.ndarray, emb: ClasswiseEmbedding, what: str, ascending: bool = False
+) -> np.ndarray:
     values = np.asarray(values, dtype=np.int64).ravel()
     if len(values) and (values.min() < 0 or values.max() >= emb.num_images):
         raise SelectionError(f"{what} image index out of range [0, {emb.num_images})")
     if not emb.in_play[values].all():
         raise SelectionError(f"{what} include images left out of play when the embedding was built")
+    if ascending and len(values) > 1 and (np.diff(values) <= 0).any():
+        raise SelectionError(f"{what} must be unique image indices in ascending order")
     return values
 
 
@@ -577,9 +581,7 @@ class ClasswiseTracker(Tracker):
         device: str = "cpu",
     ) -> None:
         emb = embedding
-        cand = check_image_indices(candidates, emb, "candidates")
-        if len(cand) > 1 and (np.diff(cand) <= 0).any():
-            raise SelectionError("candidates must be unique image indices in ascending order")
+        cand = check_image_indices(candidates, emb, "candidates", ascending=True)
         self.emb = emb
         self.candidates = cand
         self.prune = prune

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from uwe_cli.errors import SelectionError
 from uwe_cli.selection.classwise import ClasswiseEmbedding, check_image_indices
 from uwe_cli.selection.torch_backend import CHUNK_ELEMENTS, torch_device
 from uwe_cli.selection.tracker import Tracker, TrackerStats
@@ -32,9 +31,7 @@ class TorchClasswiseTracker(Tracker):
         import torch
 
         emb = embedding
-        cand = check_image_indices(candidates, emb, "candidates")
-        if len(cand) > 1 and (np.diff(cand) <= 0).any():
-            raise SelectionError("candidates must be unique image indices in ascending order")
+        cand = check_image_indices(candidates, emb, "candidates", ascending=True)
         self.emb = emb
         self.candidates = cand
         self.device = torch_device(device)
