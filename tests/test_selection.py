@@ -377,6 +377,32 @@ def test_labeled_init_certifies_rows_of_small_weight(rng):
     np.testing.assert_array_equal(k_center_greedy(F, w, cand, lab, 60).positions, ref_picks)
 
 
+@pytest.mark.parametrize(("seed", "block"), [(2, 7), (256, 512)])
+def test_labeled_init_searches_a_window_of_norms(rng, monkeypatch, seed, block):
+    """The labeled-set search visits only centres whose norms are within reach of a block of candidates;
+    with weights spread over orders of magnitude that is a fraction of the candidates × labeled product,
+    and the distances still equal an exact full scan (tiny seeds and blocks: windows narrower than the k
+    neighbours, merged sides, gaps on both sides)."""
+    monkeypatch.setattr(engine, "NORM_SEED", seed)
+    monkeypatch.setattr(engine, "NORM_BLOCK_ROWS", block)
+    F = clustered(rng, 4000, 16, k=8)
+    w = 10.0 ** rng.uniform(-3, 0, 4000)
+    F[3000:3040] = F[:40]  # labeled twins among the candidates
+    w[3000:3040] = w[:40]
+    cand, lab = np.arange(800, 4000), np.arange(800)
+    fast = CentreTracker(DenseEmbedding(F, as_weights(w, 4000)), cand, 800)
+    fast.init_centres(lab)
+    E = dense_embeddings(F, w)
+    full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(fast.distances(), full, rtol=1e-12, atol=1e-300)
+    exact = CentreTracker(DenseEmbedding(F, as_weights(w, 4000)), cand, 800)
+    exact.use_faiss = False
+    exact.init_centres(lab)
+    np.testing.assert_array_equal(fast.distances(), exact.distances())
+    assert fast.stats.labeled_pairs < 0.5 * cand.size * lab.size
+    assert fast.stats.unsure_rows < 0.05 * cand.size
+
+
 def test_norm_band_bound_is_a_lower_bound(rng):
     """`_norm_band_bound` never exceeds the true squared distance to a centre whose float32 distance is at
     least the given last value."""

@@ -29,8 +29,12 @@ KNN_NEIGHBOURS = 16
 # an idle machine and many milliseconds on a loaded one.
 PARALLEL_MIN_WORK = 4_000_000
 SEARCH_CHUNK_ROWS = 65_536
-# Bands of labeled-centre norms for the certificate of `_norm_band_bound`.
+# Bands of labeled-centre norms for the certificate of `_norm_band_bound`; candidates searched together
+# against one window of centre norms; centres either side of a block's norms that seed its upper bound
+# (at most an eighth of them).
 NORM_BANDS = 16
+NORM_BLOCK_ROWS = 512
+NORM_SEED = 256
 OUTER_CHUNK_ENTRIES = 8_000_000  # (candidate, centre) pairs per block of the outer-product proposal
 # (slot rows, their norms) -> (proposed centres, approximate squared distances, their tolerance) for `refine_knn`.
 Proposal = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -293,27 +297,71 @@ class CentreTracker(Tracker):
         """Neighbour proposals from FAISS's float32 k-NN over the L centres' embeddings, with the float32
         error bound of each squared distance (‖x‖² + ‖y‖² − 2x·y, relative to the norms involved).
 
+        Centres are sorted by norm and candidates come in norm order (the tracker starts so), so a block
+        of candidates is searched only against the centres whose norms lie within reach:
+        |‖x‖ − ‖c‖| < √(an upper bound on x's nearest distance, from the centres of about its own norm).
+        With uncertainty weights, norms spread and this skips much of the n × L product.
+
         `refine_knn` flags a row for a full exact scan when its last proposal value, less the tolerance,
-        does not clear the exact best. That value is raised to `_norm_band_bound` + tolerance, which
-        bounds every centre from the last listed one on, so far fewer rows need the scan."""
-        emb_lab = _embed32(self.Cg, self.CX, np.arange(L))
-        index = faiss.IndexFlatL2(emb_lab.shape[1])
-        index.add(emb_lab)
-        rel = max(1e-5, 4.0 * emb_lab.shape[1] * float(np.finfo(np.float32).eps)) * (1 + 1e-6)
-        del emb_lab
-        cnorms = np.sort(self.Cnorm[:L])
+        does not clear the exact best. That value is set to the least lower bound of every centre not
+        listed before it (outside the window: the norm gap; inside: `_norm_band_bound`) + tolerance."""
+        order = np.argsort(self.Cnorm[:L], kind="stable")
+        cnorms = self.Cnorm[:L][order]
+        emb = _embed32(self.Cg, self.CX, order)  # centres in norm order
+        rel = max(1e-5, 4.0 * emb.shape[1] * float(np.finfo(np.float32).eps)) * (1 + 1e-6)
         edges = np.linspace(0, L, min(NORM_BANDS, L) + 1).astype(np.int64)
         bands = np.stack([cnorms[edges[:-1]], cnorms[edges[1:] - 1]], axis=1)
         lab_norm2 = float(cnorms[-1]) ** 2
+        slack = 1 - kern.NORM_SLACK
+        seed = max(kk, min(NORM_SEED, L // 8))
+
+        def search(q: np.ndarray, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+            """FAISS's k smallest among the centres a:b (norm order), padded to kk with (-1, ∞)."""
+            k = min(kk, b - a)
+            idx = np.full((q.shape[0], kk), -1, dtype=np.int64)
+            vals = np.full((q.shape[0], kk), np.inf)
+            if k:
+                sq32, local = faiss.knn(q, emb[a:b], k)
+                idx[:, :k] = order[a + local]
+                vals[:, :k] = sq32
+            return idx, vals
+
+        def block(q: np.ndarray, norms: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+            # The centres of about the block's norms first; their nearest bounds each row's nearest
+            # distance from above, which sets the window of norms still worth searching.
+            a = max(0, int(np.searchsorted(cnorms, norms.min())) - seed)
+            b = min(L, int(np.searchsorted(cnorms, norms.max())) + seed)
+            idx, vals = search(q, a, b)
+            reach = np.sqrt(vals[:, 0] + tol) * (1 + 1e-9)
+            lo = min(a, int(np.searchsorted(cnorms, (norms - reach).min(), side="left")))
+            hi = max(b, int(np.searchsorted(cnorms, (norms + reach).max(), side="right")))
+            if lo < a or hi > b:  # merge the k smallest of the seed and the two sides
+                parts = [(idx, vals), search(q, lo, a), search(q, b, hi)]
+                idx = np.concatenate([p[0] for p in parts], axis=1)
+                vals = np.concatenate([p[1] for p in parts], axis=1)
+                top = np.argsort(vals, axis=1, kind="stable")[:, :kk]
+                idx = np.take_along_axis(idx, top, axis=1)
+                vals = np.take_along_axis(vals, top, axis=1)
+            # Centres outside the window: at least the norm gap to its nearest excluded neighbours.
+            below = (norms - cnorms[lo - 1]) ** 2 if lo > 0 else np.full(q.shape[0], np.inf)
+            above = (cnorms[hi] - norms) ** 2 if hi < L else np.full(q.shape[0], np.inf)
+            bound = np.minimum(below, above) * slack
+            if hi - lo > kk:  # and those inside it past the kk listed (each part listed its smallest)
+                kth = vals[:, -1]
+                bound = np.minimum(bound, np.maximum(kth - tol, _norm_band_bound(norms, kth, rel, bands)))
+            vals[:, -1] = bound + tol
+            return idx, vals, hi - lo
 
         def propose(rows: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             q = _embed32(self.g, self.X, rows)
-            sq32, idx = index.search(q, kk)
-            vals = sq32.astype(np.float64)
             tol = rel * (norms * norms + lab_norm2) + 1e-30
-            if kk < L:
-                vals[:, -1] = np.maximum(vals[:, -1], _norm_band_bound(norms, vals[:, -1], rel, bands) + tol)
-            return idx.astype(np.int64), vals, tol
+            idx = np.empty((rows.size, kk), dtype=np.int64)
+            vals = np.empty((rows.size, kk))
+            for s in range(0, rows.size, NORM_BLOCK_ROWS):
+                sl = slice(s, s + NORM_BLOCK_ROWS)
+                idx[sl], vals[sl], width = block(q[sl], norms[sl], tol[sl])
+                self.stats.labeled_pairs += width * q[sl].shape[0]
+            return idx, vals, tol
 
         return propose
 

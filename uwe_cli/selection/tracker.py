@@ -39,6 +39,7 @@ class TrackerStats:
     unsure_rows: int = 0
     scanned: int = 0
     screened: int = 0  # candidates a low-precision screen proved out of reach (no exact distance needed)
+    labeled_pairs: int = 0  # (candidate, labeled unit) float32 distances the labeled-set search formed
 
     @property
     def skipped_fraction(self) -> float:
