@@ -403,6 +403,64 @@ def test_labeled_init_searches_a_window_of_norms(rng, monkeypatch, seed, block):
     assert fast.stats.unsure_rows < 0.05 * cand.size
 
 
+def test_labeled_init_windows_of_every_size(monkeypatch):
+    """Many small random pools, few neighbours, tiny seeds and blocks: windows of fewer, exactly as many
+    and more centres than neighbours, with or without sides; every distance equals the exact scan."""
+    monkeypatch.setattr(engine, "KNN_NEIGHBOURS", 3)
+    monkeypatch.setattr(engine, "NORM_SEED", 1)
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        n, L = int(rng.integers(30, 80)), int(rng.integers(4, 12))
+        monkeypatch.setattr(engine, "NORM_BLOCK_ROWS", int(rng.integers(1, 9)))
+        F = rng.normal(size=(n, 3)).astype(np.float32)
+        w = 10.0 ** rng.uniform(-2, 0, n)
+        if seed % 3 == 0:
+            F[L : 2 * L] = F[:L]  # twins of the labeled rows
+            w[L : 2 * L] = w[:L]
+        cand, lab = np.arange(L, n), np.arange(L)
+        fast = CentreTracker(DenseEmbedding(F, as_weights(w, n)), cand, L)
+        fast.init_centres(lab)
+        E = dense_embeddings(F, w)
+        full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
+        np.testing.assert_allclose(fast.distances(), full, rtol=1e-12, atol=1e-300, err_msg=f"seed {seed}")
+
+
+class _FuzzyKnn:
+    """A float32 k-NN search as bad as its error bound allows: every value off by up to 1e-6 of the norms
+    involved (the certificate allows 1e-5), neighbours ordered by those values. It checks the
+    certificate, not FAISS."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def knn(self, xq, xb, k):
+        q, b = xq.astype(np.float64), xb.astype(np.float64)
+        true = ((q[:, None, :] - b[None]) ** 2).sum(-1)
+        scale = (q**2).sum(1)[:, None] + (b**2).sum(1)[None, :]
+        noisy = true + self.rng.uniform(-1e-6, 1e-6, true.shape) * scale
+        idx = np.argsort(noisy, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(noisy, idx, axis=1).astype(np.float32), idx
+
+
+@pytest.mark.parametrize("labeled", [20, 60])
+def test_labeled_init_holds_for_any_search_within_its_error(rng, monkeypatch, labeled):
+    """Far from the origin float32 cannot order a tight group of labeled units, so the nearest may be
+    listed last, in windows of exactly k units (20 labeled) or more (60): every candidate still gets its
+    exact distance."""
+    monkeypatch.setattr(engine, "_faiss", lambda: _FuzzyKnn(rng))
+    d = 3
+    group = 1000.0 + rng.uniform(0, 0.01, size=(16, d))  # the 16 smallest-norm labeled units
+    far = 3000.0 + rng.uniform(0, 1, size=(labeled - 16, d))
+    cands = 999.0 + rng.uniform(0, 0.02, size=(400, d))  # norms below every labeled unit
+    F = np.concatenate([group, far, cands]).astype(np.float32)
+    lab, cand = np.arange(labeled), np.arange(labeled, labeled + 400)
+    fast = CentreTracker(DenseEmbedding(F, as_weights(None, F.shape[0])), cand, labeled)
+    fast.init_centres(lab)
+    E = dense_embeddings(F, None)
+    full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(fast.distances(), full, rtol=1e-12, atol=1e-300)
+
+
 def test_norm_band_bound_is_a_lower_bound(rng):
     """`_norm_band_bound` never exceeds the true squared distance to a centre whose float32 distance is at
     least the given last value."""
