@@ -9,13 +9,15 @@ order of summation. Distances are squared Euclidean, summed as direct difference
 
 Layout used by `dense.CentreTracker`:
 
-- *rows*: the candidates' feature rows `X` (float32), weights `g` (float64) and int8 screen rows `Q`
-  with their scale `qa` and error bound `qr`, regrouped rarely (a pass over the matrix) into slot order.
+- *rows*: the candidates' feature rows `X` (float32) and weights `g` (float64), regrouped rarely (a
+  pass over the matrix).
 - *slots*: one record per candidate (D, nearest centre `near`, embedding norm, position `orig` in the
-  caller's candidate array, feature row `xrow`), kept in *buckets*: bucket a (centre a) is the slot
-  range ``start[a] : start[a] + count[a]``, sorted by D, largest first. Candidates that a new centre
-  improves are copied to the end (its new bucket); the slot they leave is dead (D = -1) until the slots
-  are compacted. Between regroupings most slots still read their rows in order.
+  caller's candidate array, feature row `xrow`, and the int8 screen row `Q` with its scale `qa` and
+  error bound `qr`), kept in *buckets*: bucket a (centre a) is the slot range
+  ``start[a] : start[a] + count[a]``, sorted by D, largest first. Candidates that a new centre improves
+  are copied to the end (its new bucket); the slot they leave is dead (D = -1) until the slots are
+  compacted. A scan over a bucket, screen included, is therefore a sequential read (screen rows kept
+  by feature row instead, read through `xrow`, made the ReLU benchmark 2× slower).
 """
 
 from __future__ import annotations
@@ -207,10 +209,10 @@ def build_screen(g, X, Q, qa, qr):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _screen_sq(Q, qa, r, c32):
-    """Σ (a32·q_j − c_j)² in float32 for feature row r."""
-    a = qa[r]
-    q = Q[r]
+def _screen_sq(Q, qa, s, c32):
+    """Σ (a32·q_j − c_j)² in float32 for slot s."""
+    a = qa[s]
+    q = Q[s]
     t = np.float32(0.0)
     for j in range(q.size):
         diff = a * np.float32(q[j]) - c32[j]
@@ -323,7 +325,7 @@ def collect(start, count, buckets, nb, cc_of, D, todo):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _triage(norms, D, near, cc_of, s, cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen):
+def _triage(norms, D, near, cc_of, s, cnorm, prune, Q, qa, qr, c32, rc, bound, screen):
     """0: a bound proves the new centre cannot improve slot s; 1: the int8 screen proves it; 2: only an
     exact distance can tell. `cc_of[a]` is ‖c − a‖² for the bucket a the slot belongs to (0 for the
     orphan bucket: no pruning)."""
@@ -340,31 +342,24 @@ def _triage(norms, D, near, cc_of, s, cnorm, prune, xrow, Q, qa, qr, c32, rc, bo
     slack = NORM_SLACK * (norms[s] + cnorm) * (norms[s] + cnorm)
     if gap * gap >= d * PRUNE_MARGIN + slack:
         return 0
-    r = xrow[s]
-    if screen and _screened_out(_screen_sq(Q, qa, r, c32), d, norms[s], np.float64(qr[r]), rc, bound):
+    if screen and _screened_out(_screen_sq(Q, qa, s, c32), d, norms[s], np.float64(qr[s]), rc, bound):
         return 1
     return 2
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def triage(norms, D, near, cc_of, todo, m, cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen, flags):
+def triage(norms, D, near, cc_of, todo, m, cnorm, prune, Q, qa, qr, c32, rc, bound, screen, flags):
     """flags[q] = `_triage` of slot todo[q] (one thread). Kept apart from the exact distances: a loop
     holding both compiles to slower code for each."""
     for q in range(m):
-        flags[q] = _triage(
-            norms, D, near, cc_of, todo[q], cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen
-        )
+        flags[q] = _triage(norms, D, near, cc_of, todo[q], cnorm, prune, Q, qa, qr, c32, rc, bound, screen)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def triage_parallel(
-    norms, D, near, cc_of, todo, m, cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen, flags
-):
+def triage_parallel(norms, D, near, cc_of, todo, m, cnorm, prune, Q, qa, qr, c32, rc, bound, screen, flags):
     """As `triage`, across all threads."""
     for q in prange(m):
-        flags[q] = _triage(
-            norms, D, near, cc_of, todo[q], cnorm, prune, xrow, Q, qa, qr, c32, rc, bound, screen
-        )
+        flags[q] = _triage(norms, D, near, cc_of, todo[q], cnorm, prune, Q, qa, qr, c32, rc, bound, screen)
 
 
 @njit(cache=True)
@@ -465,7 +460,7 @@ def bucket_top(start, count, maxD, argslot, orig, D, a):
 
 
 @njit(cache=True, inline="always")
-def _move(D, near, norms, orig, xrow, slot_of, src, dst):
+def _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, src, dst):
     """Copy slot src's record to slot dst."""
     D[dst] = D[src]
     near[dst] = near[src]
@@ -473,10 +468,14 @@ def _move(D, near, norms, orig, xrow, slot_of, src, dst):
     orig[dst] = orig[src]
     xrow[dst] = xrow[src]
     slot_of[orig[src]] = dst
+    if screen:
+        Q[dst] = Q[src]
+        qa[dst] = qa[src]
+        qr[dst] = qr[src]
 
 
 @njit(cache=True)
-def _sort_range(D, near, norms, orig, xrow, slot_of, lo, hi):
+def _sort_range(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, lo, hi):
     """Sort the records of slots lo:hi by D, largest first (dead slots last)."""
     size = hi - lo
     keys = np.empty(size, dtype=np.float64)
@@ -491,6 +490,10 @@ def _sort_range(D, near, norms, orig, xrow, slot_of, lo, hi):
     for j in range(lo, hi):
         if D[j] >= 0.0:  # the orphan range may hold picked (dead) slots
             slot_of[orig[j]] = j
+    if screen:
+        permute_rows(Q[lo:hi], order, np.empty(size, dtype=np.bool_))
+        qa[lo:hi] = qa[lo:hi][order]
+        qr[lo:hi] = qr[lo:hi][order]
 
 
 @njit(cache=True)
@@ -505,6 +508,10 @@ def apply(
     orig,
     xrow,
     slot_of,
+    Q,
+    qa,
+    qr,
+    screen,
     buckets,
     nb,
     todo,
@@ -526,12 +533,12 @@ def apply(
         for q in range(m):
             s = todo[q]
             if near[s] == new_id:
-                _move(D, near, norms, orig, xrow, slot_of, s, tail)
+                _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, s, tail)
                 D[s] = -1.0
                 tail += 1
         end = tail
     if tail - used > 1:
-        _sort_range(D, near, norms, orig, xrow, slot_of, used, tail)
+        _sort_range(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, used, tail)
     start[new_id] = used
     count[new_id] = tail - used
     for r in range(nb):
@@ -555,7 +562,9 @@ def best_bucket(maxD, argslot, count, orig, k, orphan):
 
 
 @njit(cache=True)
-def compact(start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, nbuckets, new_id):
+def compact(
+    start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, nbuckets, new_id
+):
     """Squeeze the dead slots out, keeping every bucket's order. Buckets are taken in the order they sit
     in, so every live slot moves left (never over one not yet moved).
 
@@ -585,6 +594,9 @@ def compact(start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, nb
     anorm = np.empty(moved)
     aorig = np.empty(moved, dtype=orig.dtype)
     axrow = np.empty(moved, dtype=xrow.dtype)
+    aQ = np.empty((moved if screen else 0, Q.shape[1]), dtype=Q.dtype)
+    aqa = np.empty(moved, dtype=qa.dtype)
+    aqr = np.empty(moved, dtype=qr.dtype)
     w = 0
     j = 0
     for a in by_pos:
@@ -599,10 +611,14 @@ def compact(start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, nb
                 anorm[j] = norms[s]
                 aorig[j] = orig[s]
                 axrow[j] = xrow[s]
+                if screen:
+                    aQ[j] = Q[s]
+                    aqa[j] = qa[s]
+                    aqr[j] = qr[s]
                 j += 1
                 continue
             if s != w:
-                _move(D, near, norms, orig, xrow, slot_of, s, w)
+                _move(D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, s, w)
             w += 1
         start[a] = first
         count[a] = w - first
@@ -616,6 +632,10 @@ def compact(start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, nb
             orig[w] = aorig[i]
             xrow[w] = axrow[i]
             slot_of[aorig[i]] = w
+            if screen:
+                Q[w] = aQ[i]
+                qa[w] = aqa[i]
+                qr[w] = aqr[i]
             w += 1
         start[new_id] = first
         count[new_id] = w - first

@@ -49,10 +49,10 @@ SPARE_SLOTS = 0.5
 # Labeled centres are inserted farthest-first (spread-out centres first keep later reach small); the
 # order is computed by K-Center-Greedy over at most this many of them, the rest follow in row order.
 FARTHEST_FIRST_MAX = 4096
-# The int8 screen (see _kernels.build_screen) costs a byte per feature and 8 bytes per candidate (0.25×
-# the float32 matrix). It is built for unweighted or scalar-weighted embeddings (K = 1) with at least
-# SCREEN_MIN_DIM features, when it fits in the spare memory (`DenseEmbedding.spare_bytes`): on 1M × 512
-# it takes the run from 86 s to 51 s; without it peak memory stays about 1.3× the matrix.
+# The int8 screen (see _kernels.build_screen) costs a byte per feature and 8 bytes per slot (0.375× the
+# float32 matrix with the spare slots). It is built for unweighted or scalar-weighted embeddings (K = 1)
+# with at least SCREEN_MIN_DIM features, when it fits in the spare memory (`DenseEmbedding.spare_bytes`):
+# on 1M × 512 it takes the run from about 80 s to 40 s; without it peak memory stays about 1.3× the matrix.
 SCREEN_MIN_DIM = 256
 SCREEN = True
 
@@ -173,18 +173,18 @@ class CentreTracker(Tracker):
         self.stats = TrackerStats()
         self.screen = bool(SCREEN and prune and K == 1 and d >= SCREEN_MIN_DIM and n)
         if self.screen:
-            need = n * (d + 8)
+            need = cap_slots * (d + 8)
             spare = embedding.spare_bytes
             if spare is None:
                 avail = available_memory()
                 spare = need if avail is None else avail // 2
             self.screen = need <= spare
         if self.screen:
-            # Screen rows follow the feature rows (regrouped with them).
-            self.Q = np.empty((n, d), dtype=np.int8)
-            self.qa = np.zeros(n, dtype=np.float32)
-            self.qr = np.zeros(n, dtype=np.float32)
-            kern.build_screen(self.g, self.X, self.Q, self.qa, self.qr)
+            # Screen rows live in slots (rows and slots coincide now): a bucket scan reads them in order.
+            self.Q = np.empty((cap_slots, d), dtype=np.int8)
+            self.qa = np.zeros(cap_slots, dtype=np.float32)
+            self.qr = np.zeros(cap_slots, dtype=np.float32)
+            kern.build_screen(self.g, self.X, self.Q[:n], self.qa[:n], self.qr[:n])
         else:
             self.Q = np.zeros((1, 1), dtype=np.int8)
             self.qa = np.zeros(1, dtype=np.float32)
@@ -282,6 +282,10 @@ class CentreTracker(Tracker):
         self.orig[:n] = self.orig[:n][order]
         self.xrow[:n] = self.xrow[:n][order]
         self.slot_of[self.orig[:n]] = np.arange(n, dtype=self.slot_of.dtype)
+        if self.screen:
+            kern.permute_rows(self.Q[:n], order, np.empty(n, dtype=np.bool_))
+            self.qa[:n] = self.qa[:n][order]
+            self.qr[:n] = self.qr[:n][order]
         sizes = np.bincount(self.near[:n], minlength=L)
         self.count[:L] = sizes
         self.start[:L] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -458,7 +462,6 @@ class CentreTracker(Tracker):
             m,
             cnorm,
             self.prune,
-            self.xrow,
             self.Q,
             self.qa,
             self.qr,
@@ -525,6 +528,10 @@ class CentreTracker(Tracker):
             self.orig,
             self.xrow,
             self.slot_of,
+            self.Q,
+            self.qa,
+            self.qr,
+            self.screen,
         )
 
     def _relayout_rows(self) -> None:
@@ -538,10 +545,6 @@ class CentreTracker(Tracker):
         done = np.empty(self.n, dtype=np.bool_)
         kern.permute_rows(self.X, perm, done)
         kern.permute_rows(self.g, perm, done)
-        if self.screen:
-            kern.permute_rows(self.Q, perm, done)
-            self.qa[:] = self.qa[perm]
-            self.qr[:] = self.qr[perm]
         inv = np.empty_like(perm)
         inv[perm] = np.arange(self.n)
         self.rowpos[:] = inv[self.rowpos]
