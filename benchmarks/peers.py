@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ class Case:
     strategy: str = "coreset"
     check: int | None = None  # picks compared with the float64 order (None: all)
     note: str = ""
-    extra: dict = field(default_factory=dict)
+    uwe_args: tuple[str, ...] = ()  # more `uwe select` options
 
 
 CASES: dict[str, Case] = {
@@ -82,6 +82,17 @@ CASES: dict[str, Case] = {
         "fashion", 70_000, 512, 2_000, peers=FAST_PEERS, strategy="uwe", note="real features, budget 2,000"
     ),
     "1M": Case("synthetic", 1_000_000, 512, 10_000, peers=(), strategy="uwe", check=200, note="uwe only"),
+    "1M-lean": Case(
+        "synthetic",
+        1_000_000,
+        512,
+        10_000,
+        peers=(),
+        strategy="uwe",
+        check=200,
+        uwe_args=("--max-memory", "3G"),
+        note="uwe only, memory capped: no int8 copy",
+    ),
     "10M": Case("synthetic", 10_000_000, 128, 1_000, peers=(), strategy="uwe", check=100, note="uwe only"),
 }
 
@@ -284,7 +295,7 @@ def run_uwe(name: str, case: Case, prep: dict) -> dict:
     out = OUT / f"{name}.batch.csv"
     rss = OUT / f"{name}.rss.json"
     args = [str(prep["pool"]), "--budget", str(case.budget), "--strategy", case.strategy, "--out", str(out)]
-    args += ["--quiet", "--json"]
+    args += ["--quiet", "--json", *case.uwe_args]
     if prep["labeled_file"] is not None:
         args += ["--labeled", str(prep["labeled_file"])]
     t = time.perf_counter()
