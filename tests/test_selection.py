@@ -219,19 +219,27 @@ def test_outer_product_rows_kcg_and_kmeanspp_equal_reference(rng, n_labeled, pru
         np.testing.assert_array_equal(got, kmeanspp_reference(dense, cand, lab, 40, seed))
 
 
+def init_equals_full_scan(F, w, cand, lab, rtol=1e-12, dense=None) -> CentreTracker:
+    """The labeled set's nearest-centre distances through the fast init equal the exact scan bit for bit
+    and a float64 full scan; the fast tracker, for its stats."""
+    n = F.shape[0]
+    fast = CentreTracker(DenseEmbedding(F, as_weights(w, n)), cand, lab.size)
+    fast.init_centres(lab)
+    exact = CentreTracker(DenseEmbedding(F, as_weights(w, n)), cand, lab.size)
+    exact.use_faiss = False
+    exact.init_centres(lab)
+    np.testing.assert_array_equal(fast.distances(), exact.distances())
+    E = dense_embeddings(F, w) if dense is None else dense
+    full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(fast.distances(), full, rtol=rtol, atol=1e-300)
+    return fast
+
+
 def test_outer_product_labeled_distances_equal_full_scan(rng):
     """The labeled set's nearest-centre distances through the GEMM proposal equal an exact full scan."""
     F, G, dense = outer_product_pool(rng, 1500, 16, 5, near_copies=200)
     cand, lab = split(rng, 1500, 300)
-    fast = CentreTracker(DenseEmbedding(F, as_weights(G, 1500)), cand, 300)
-    fast.init_centres(lab)
-    exact = CentreTracker(DenseEmbedding(F, as_weights(G, 1500)), cand, 300)
-    exact.use_faiss = False
-    exact.init_centres(lab)
-    np.testing.assert_array_equal(fast.distances(), exact.distances())
-    X, C = dense[cand], dense[lab]
-    full = np.min(((X[:, None, :] - C[None, :, :]) ** 2).sum(-1), axis=1)
-    np.testing.assert_allclose(fast.distances(), full, rtol=1e-10, atol=1e-300)
+    init_equals_full_scan(F, G, cand, lab, rtol=1e-10, dense=dense)
 
 
 TORCH_ENGINES = {
@@ -363,17 +371,9 @@ def test_labeled_init_certifies_rows_of_small_weight(rng):
     w = rng.random(3000) ** 4  # many weights near zero
     w[2050:2100] = w[:50]
     cand, lab = np.arange(500, 3000), np.arange(500)
-    fast = CentreTracker(DenseEmbedding(F, as_weights(w, 3000)), cand, 500)
-    fast.init_centres(lab)
-    exact = CentreTracker(DenseEmbedding(F, as_weights(w, 3000)), cand, 500)
-    exact.use_faiss = False
-    exact.init_centres(lab)
-    np.testing.assert_array_equal(fast.distances(), exact.distances())
-    E = dense_embeddings(F, w)
-    full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
-    np.testing.assert_allclose(fast.distances(), full, rtol=1e-12, atol=1e-300)
+    fast = init_equals_full_scan(F, w, cand, lab)
     assert fast.stats.unsure_rows < 0.05 * cand.size
-    ref_picks, _ = kcg_reference(E, cand, lab, 60)
+    ref_picks, _ = kcg_reference(dense_embeddings(F, w), cand, lab, 60)
     np.testing.assert_array_equal(k_center_greedy(F, w, cand, lab, 60).positions, ref_picks)
 
 
@@ -390,15 +390,7 @@ def test_labeled_init_searches_a_window_of_norms(rng, monkeypatch, seed, block):
     F[3000:3040] = F[:40]  # labeled twins among the candidates
     w[3000:3040] = w[:40]
     cand, lab = np.arange(800, 4000), np.arange(800)
-    fast = CentreTracker(DenseEmbedding(F, as_weights(w, 4000)), cand, 800)
-    fast.init_centres(lab)
-    E = dense_embeddings(F, w)
-    full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
-    np.testing.assert_allclose(fast.distances(), full, rtol=1e-12, atol=1e-300)
-    exact = CentreTracker(DenseEmbedding(F, as_weights(w, 4000)), cand, 800)
-    exact.use_faiss = False
-    exact.init_centres(lab)
-    np.testing.assert_array_equal(fast.distances(), exact.distances())
+    fast = init_equals_full_scan(F, w, cand, lab)
     assert fast.stats.labeled_pairs < 0.5 * cand.size * lab.size
     assert fast.stats.unsure_rows < 0.05 * cand.size
 
@@ -417,12 +409,7 @@ def test_labeled_init_windows_of_every_size(monkeypatch):
         if seed % 3 == 0:
             F[L : 2 * L] = F[:L]  # twins of the labeled rows
             w[L : 2 * L] = w[:L]
-        cand, lab = np.arange(L, n), np.arange(L)
-        fast = CentreTracker(DenseEmbedding(F, as_weights(w, n)), cand, L)
-        fast.init_centres(lab)
-        E = dense_embeddings(F, w)
-        full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
-        np.testing.assert_allclose(fast.distances(), full, rtol=1e-12, atol=1e-300, err_msg=f"seed {seed}")
+        init_equals_full_scan(F, w, np.arange(L, n), np.arange(L))
 
 
 class _FuzzyKnn:
@@ -453,12 +440,7 @@ def test_labeled_init_holds_for_any_search_within_its_error(rng, monkeypatch, la
     far = 3000.0 + rng.uniform(0, 1, size=(labeled - 16, d))
     cands = 999.0 + rng.uniform(0, 0.02, size=(400, d))  # norms below every labeled unit
     F = np.concatenate([group, far, cands]).astype(np.float32)
-    lab, cand = np.arange(labeled), np.arange(labeled, labeled + 400)
-    fast = CentreTracker(DenseEmbedding(F, as_weights(None, F.shape[0])), cand, labeled)
-    fast.init_centres(lab)
-    E = dense_embeddings(F, None)
-    full = np.min(((E[cand][:, None, :] - E[lab][None, :, :]) ** 2).sum(-1), axis=1)
-    np.testing.assert_allclose(fast.distances(), full, rtol=1e-12, atol=1e-300)
+    init_equals_full_scan(F, None, np.arange(labeled, labeled + 400), np.arange(labeled))
 
 
 def test_norm_band_bound_is_a_lower_bound(rng):
