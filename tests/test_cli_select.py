@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +128,30 @@ def test_stdout_and_json(tmp_path, pool):
     summary = json.loads(r.stdout)
     assert summary["strategy"] == "uwe" and summary["budget"] == 3 and summary["pool_size"] == 300
     assert summary["labeled"] == 0 and summary["seconds"] >= 0
+
+
+def test_the_process_ends_with_everything_delivered(tmp_path, pool):
+    """`uwe` ends without the interpreter's teardown (`cli.main`): stdout, stderr, files and the exit
+    code must all be complete, through a pipe that is closed early too."""
+    path, _, _ = pool
+    cmd = [sys.executable, "-m", "uwe_cli.cli", "select", str(path), "--budget", "120", "--quiet"]
+    proc = subprocess.run([*cmd, "--out", "-"], capture_output=True, text=True, timeout=120)
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert proc.returncode == 0 and len(rows) == 120 and rows[-1]["rank"] == "120", proc.stderr
+    out = tmp_path / "b.csv"
+    proc = subprocess.run([*cmd, "--out", str(out), "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["budget"] == 120
+    assert len(read_batch(out)) == 120
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), "--tau", "-1"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and len(read_batch(out)) == 120
+    head = subprocess.run(
+        f"{shlex.join([*cmd, '--out', '-'])} | head -2", shell=True, capture_output=True, text=True
+    )
+    assert (
+        head.stdout.splitlines()[0] == "rank,id,uncertainty,distance" and len(head.stdout.splitlines()) == 2
+    )
 
 
 def test_labeled_previous_batch_and_exclude(tmp_path, pool):
