@@ -350,9 +350,9 @@ class CentreTracker(Tracker):
             below = (norms - cnorms[lo - 1]) ** 2 if lo > 0 else np.full(q.shape[0], np.inf)
             above = (cnorms[hi] - norms) ** 2 if hi < L else np.full(q.shape[0], np.inf)
             bound = np.minimum(below, above) * slack
-            if hi - lo >= kk:  # those inside past the kk listed, and the last listed itself
-                kth = vals[:, -1]
-                bound = np.minimum(bound, np.maximum(kth - tol, _norm_band_bound(norms, kth, rel, bands)))
+            if hi - lo >= kk:  # those inside past the kk listed, and the last listed itself (never
+                # below kth − tol: each band's error term is at most the row's tolerance)
+                bound = np.minimum(bound, _norm_band_bound(norms, vals[:, -1], rel, bands))
             vals[:, -1] = bound + tol
             return idx, vals, hi - lo
 
