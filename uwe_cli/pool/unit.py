@@ -71,7 +71,6 @@ class _Part:
     file: Path
     row_group: int
     first_row: int
-    ids: list[pa.Array] = field(default_factory=list)
     extra: dict[str, list[pa.Array]] = field(default_factory=dict)
 
 
@@ -94,6 +93,26 @@ def _first_width(source: PoolSource, column: str) -> int | None:
             if len(valid):
                 return len(valid[0].as_py())
     return None
+
+
+def read_ids(source: PoolSource) -> pa.Array:
+    """The pool's IDs as one string array, checked: no nulls, valid text, no duplicates."""
+    chunks = []
+    for f, batch in source.batches(["id"], 1 << 18):
+        ids = batch.column(0)
+        if ids.null_count:
+            raise PoolError(f"{f}: null id in column 'id'")
+        ids = ids.cast(pa.string())
+        check_ids(ids, str(f))
+        chunks.append(ids)
+    ids_all = pa.concat_arrays(chunks) if chunks else pa.array([], type=pa.string())
+    del chunks
+    # Arrow's allocator keeps freed memory until asked (mimalloc, pyarrow's default): about 140 bytes
+    # per pool row of decoded batches and hash table.
+    pa.default_memory_pool().release_unused()
+    check_unique_ids(ids_all, "pool")
+    pa.default_memory_pool().release_unused()
+    return ids_all
 
 
 def load_unit_pool(
@@ -128,6 +147,9 @@ def load_unit_pool(
         extra = [c for c in PASSTHROUGH_COLUMNS if c in names]
         present_extra = extra if present_extra is None else [c for c in present_extra if c in extra]
 
+    # IDs first, before the feature matrix exists: the uniqueness check's hash table (60-120 bytes per
+    # row) then never adds to the peak.
+    ids_all = read_ids(source)
     total = source.rows
     dim = source.feature_dim()
     features = np.empty((total + spare_rows, dim), dtype=dtype)
@@ -138,19 +160,14 @@ def load_unit_pool(
         width = _first_width(source, "probs") or 0
         probs = np.zeros((total + spare_rows, width), dtype=np.float32)
     extra_names = list(present_extra or [])
-    columns = ["id", "feature", *([unc_col] if unc_col else []), *(["probs"] if need_probs else [])]
+    columns = ["feature", *([unc_col] if unc_col else []), *(["probs"] if need_probs else [])]
     columns += extra_names
     rows_per_batch = batch_rows(dim)
 
     def consume(part: _Part, f: Path, batch: pa.RecordBatch, row: int) -> int:
         """Check one record batch and store it at `row`; the row after it."""
         n = batch.num_rows
-        ids = batch.column("id")
-        if ids.null_count:
-            raise PoolError(f"{f}: null id in column 'id'")
-        ids = ids.cast(pa.string())
-        check_ids(ids, str(f))
-        part.ids.append(ids)
+        ids = ids_all.slice(row, n)
 
         def where_row(i: int, _f: Path = f, _ids: pa.Array = ids) -> str:
             return f"{_f}: id '{_ids[i].as_py()}'"
@@ -219,15 +236,11 @@ def load_unit_pool(
     elif threads == 1:
         parts = [read_part(part) for part in parts]
 
-    pa.default_memory_pool().release_unused()
-    id_chunks = [a for part in parts for a in part.ids]
-    if not id_chunks:
-        id_chunks = [pa.array([], type=pa.string())]
-    ids_all = pa.concat_arrays(id_chunks) if len(id_chunks) > 1 else id_chunks[0]
-    check_unique_ids(ids_all, "pool")
     extra_cols = {
         c: pa.concat_arrays([a for part in parts for a in part.extra[c]]) for c in extra_names if total
     }
+    del parts
+    pa.default_memory_pool().release_unused()
     return UnitPool(
         ids=ids_all,
         features=features,
