@@ -204,6 +204,8 @@ def _unit_problem(
         if strat.embedding == "uwe":
             message = underflow_warning(u_norm[split.in_play], weights[split.in_play], opts["tau"])
             warnings += [message] if message else []
+        if opts["reorder"]:  # handed over: the batch file reports u_norm; 8 bytes a row less at the peak
+            pool.uncertainty = None
     capacity = split.labeled.size + opts["budget"]
     handed_over = False
 
@@ -345,8 +347,9 @@ def select_loaded(
     """Select `budget` units from a pool already in memory, given its split (`resolve_split`, `split_rows`).
 
     The body of `run_select` after the read: a unit pool's `uncertainty` (and `probs`, for badge) may come
-    from anywhere, e.g. a probe refitted each cycle, without writing or re-reading Parquet. `reorder` lets
-    the engine permute `pool.features` in place (the caller must not use them afterwards); `spare_bytes`
+    from anywhere, e.g. a probe refitted each cycle, without writing or re-reading Parquet. `reorder` hands
+    the pool over: the engine may permute `pool.features` in place and `pool.uncertainty` is dropped once
+    normalised (the caller must not use either afterwards); `spare_bytes`
     is the memory it may spend on optional speed-ups (see `DenseEmbedding`).
     """
     started = time.perf_counter()

@@ -44,12 +44,14 @@ RELAYOUT_FIRST = 32
 RELAYOUT_FACTOR = 4
 RELAYOUT_MIN_ELEMENTS = 1 << 22
 # Spare slots, as a fraction of the candidates: room to append improved candidates to their new bucket
-# before the dead slots they leave must be squeezed out.
-SPARE_SLOTS = 0.5
+# before the dead slots they leave must be squeezed out. Each slot costs 28 bytes (and the screen's row):
+# a quarter keeps the bookkeeping small at a few more squeezes (2M × 128, budget 1,000: 14 instead of 9,
+# 0.5 s more of 32 s).
+SPARE_SLOTS = 0.25
 # Labeled centres are inserted farthest-first (spread-out centres first keep later reach small); the
 # order is computed by K-Center-Greedy over at most this many of them, the rest follow in row order.
 FARTHEST_FIRST_MAX = 4096
-# The int8 screen (see _kernels.build_screen) costs a byte per feature and 8 bytes per slot (0.375× the
+# The int8 screen (see _kernels.build_screen) costs a byte per feature and 8 bytes per slot (0.31× the
 # float32 matrix with the spare slots). It is built for unweighted or scalar-weighted embeddings (K = 1)
 # with at least SCREEN_MIN_DIM features, when it fits in the spare memory (`DenseEmbedding.spare_bytes`):
 # on 1M × 512 it takes the run from about 80 s to 40 s; without it peak memory stays about 1.3× the matrix.
@@ -112,24 +114,36 @@ class CentreTracker(Tracker):
         # Rows and slots start in norm order: a first, coarse locality for the first centres.
         order = np.argsort(sq, kind="stable").astype(idx)
         rows = candidates[order]
-        self._owned = bool(embedding.reorder) and F is embedding.features and F.flags.writeable
+        self._owned = (
+            bool(embedding.reorder)
+            and F is embedding.features
+            and F.flags.writeable
+            and G.flags.writeable
+            and G.flags.c_contiguous
+        )
         if self._owned:
-            # Candidates (in slot order) to the front, other rows after them in row order.
+            # Candidates (in slot order) to the front, other rows after them in row order; the weights
+            # follow their rows (no copy of either).
             rest = np.setdiff1d(np.arange(F.shape[0]), candidates, assume_unique=True)
-            kern.permute_rows(F, np.concatenate([rows, rest]), np.empty(F.shape[0], dtype=np.bool_))
+            perm = np.concatenate([rows, rest])
             del rest
+            done = np.empty(F.shape[0], dtype=np.bool_)
+            kern.permute_rows(F, perm, done)
+            kern.permute_rows(G, perm, done)
+            del perm, done
             self.X = F[:n]
+            self.g = G[:n]
         else:
             self.X = np.empty((n, d), dtype=np.float32)
             kern.gather_rows(F, rows, self.X)
-        self.g = np.ascontiguousarray(G[rows])
+            self.g = np.ascontiguousarray(G[rows])
         del rows
         self._F = F
         self._G = G
         self.rowpos = np.empty(n, dtype=idx)  # position in `candidates` -> feature row
         self.rowpos[order] = np.arange(n, dtype=idx)
-        # Slots: room for half the candidates again, so improved candidates can be appended to their
-        # new bucket; the dead slots they leave are squeezed out when the room runs out.
+        # Slots: room for SPARE_SLOTS of the candidates again, so improved candidates can be appended to
+        # their new bucket; the dead slots they leave are squeezed out when the room runs out.
         cap_slots = n + int(n * SPARE_SLOTS) + 64
         self.D = np.full(cap_slots, -1.0)
         self.D[:n] = np.inf
@@ -200,7 +214,7 @@ class CentreTracker(Tracker):
             r = self.rowpos[p]
             return self.X[r], self.g[r]
         if self._owned:  # other rows sit after the candidates, in row order
-            return self._F[self.n + row - p], self._G[row]
+            return self._F[self.n + row - p], self._G[self.n + row - p]
         return self._F[row], self._G[row]
 
     # -- Tracker interface -------------------------------------------------------------------------
@@ -538,17 +552,25 @@ class CentreTracker(Tracker):
         """Move feature rows into slot order, so that exact distances in a bucket read nearby memory."""
         self._compact()
         live = self.used
+        # Index arrays in the slots' own width (int32 below 2**31 rows): this runs on the whole pool, and
+        # its temporaries add to the peak memory.
+        idx = self.xrow.dtype
         referenced = np.zeros(self.n, dtype=np.bool_)
         referenced[self.xrow[:live]] = True
-        perm = np.concatenate([self.xrow[:live], np.flatnonzero(~referenced)]).astype(np.int64)
-        del referenced
-        done = np.empty(self.n, dtype=np.bool_)
+        rest = np.flatnonzero(~referenced)
+        perm = np.empty(live + rest.size, dtype=np.int64)
+        perm[:live] = self.xrow[:live]
+        perm[live:] = rest
+        del rest
+        done = referenced  # reused as permute_rows' scratch
         kern.permute_rows(self.X, perm, done)
         kern.permute_rows(self.g, perm, done)
-        inv = np.empty_like(perm)
-        inv[perm] = np.arange(self.n)
+        del done, referenced
+        inv = np.empty(self.n, dtype=idx)
+        inv[perm] = np.arange(perm.size, dtype=idx)
+        del perm
         self.rowpos[:] = inv[self.rowpos]
-        self.xrow[:live] = np.arange(live, dtype=self.xrow.dtype)
+        self.xrow[:live] = np.arange(live, dtype=idx)
 
     def _refresh_dirty(self) -> None:
         for a in self._dirty:

@@ -14,8 +14,8 @@ import numpy as np
 class DenseEmbedding(NamedTuple):
     """Embedding rows as the outer product G[r] ⊗ F[r]: float32 features (n, d), float64 weights (n, K).
 
-    `reorder`: the caller hands the feature matrix over; the engine may permute its rows in place
-    instead of copying them (the caller must not read `features` afterwards).
+    `reorder`: the caller hands the feature matrix and the weights over; the engine may permute their
+    rows in place instead of copying them (the caller must not read either afterwards).
     `spare_bytes`: memory the engine may spend on optional speed-ups beyond its bookkeeping (None: half
     of what the system reports available).
     """
