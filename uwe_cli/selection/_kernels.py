@@ -23,7 +23,11 @@ Layout used by `dense.CentreTracker`:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import binding as _llvm
+from llvmlite import ir as _ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # A new centre c cannot improve candidate i whose nearest centre is a when ‖c − a‖ ≥ 2·√D(i)
 # (triangle inequality). On squared float64 values with relative error ~1e-13, this margin keeps
@@ -48,6 +52,45 @@ ABANDON_BLOCK = 128
 SCREEN_MAX_ABS = 1e15
 F32_EPS = 2.0**-24
 F32_TINY = 2.0**-126
+
+
+# Rows an exact pass asks the memory for ahead of the one it computes. A bucket's slots point to feature
+# rows scattered over the matrix (candidates moved there since the last regrouping); fetched on demand,
+# each row costs a memory round trip, and the pass on 2M × 128 in random row order took 0.55 s instead
+# of 0.10 s in order. Asked for 8 rows ahead: 0.27 s. Only the first block of a row is requested (the
+# sum may stop there).
+PREFETCH_AHEAD = 8
+_PREFETCH = "llvm.prefetch.p0" if _llvm.llvm_version_info[0] >= 16 else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i, j):  # pragma: no cover - compiled
+    """Hint that A[i, j] will be read soon (LLVM's prefetch: read, high locality, data cache)."""
+    sig = types.void(arr, i, j)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        pairs = zip(args[1:], signature.args[1:], strict=True)
+        index = [context.cast(builder, v, t, types.intp) for v, t in pairs]
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, index, wraparound=False)
+        i8p, i32 = _ir.IntType(8).as_pointer(), _ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, _ir.FunctionType(_ir.VoidType(), [i8p, i32, i32, i32]), _PREFETCH
+        )
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _prefetch_slot(X, xrow, todo, q, m):  # pragma: no cover - compiled
+    """Ask for the first block of the feature row of todo[q + PREFETCH_AHEAD], one cache line at a time."""
+    if q + PREFETCH_AHEAD < m:
+        r = xrow[todo[q + PREFETCH_AHEAD]]
+        for j in range(0, min(X.shape[1], ABANDON_BLOCK), 16):
+            _prefetch(X, r, j)
 
 
 @njit(cache=True, inline="always")
@@ -418,6 +461,7 @@ def lower_exact(g, X, xrow, D, near, todo, m, E, new_id, norms, cg, cx, csq):  #
     """`_lower_slot` for the listed slots (one thread); returns how many improved."""
     improved = 0
     for q in range(m):
+        _prefetch_slot(X, xrow, todo, q, m)
         improved += _lower_slot(g, X, xrow, D, near, todo[q], E, new_id, norms, cg, cx, csq)
     return improved
 
@@ -427,6 +471,7 @@ def lower_exact_parallel(g, X, xrow, D, near, todo, m, E, new_id, norms, cg, cx,
     """As `lower_exact`, across all threads (slots are distinct, so writes never collide)."""
     improved = 0
     for q in prange(m):
+        _prefetch_slot(X, xrow, todo, q, m)
         improved += _lower_slot(g, X, xrow, D, near, todo[q], E, new_id, norms, cg, cx, csq)
     return improved
 
