@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,41 @@ def test_export_and_report_read_batch_and_pool_from_a_bucket(
     r = invoke("report", f"{s3}/batch.csv", "--pool", f"{s3}/pool.parquet", "--out", out, "-q")
     assert r.exit_code == 0, r.output
     assert out.stat().st_size > 1000
+
+
+def test_simulate_reads_pool_and_labels_from_a_bucket(
+    s3_bucket: str, fs: s3fs.S3FileSystem, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 8)).astype(np.float32)
+    y = (X[:, 0] + 0.3 * X[:, 1] > 0).astype(int)
+    pool = write_pool(tmp_path / "pool.parquet", X)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,label\n" + "".join(f"s{i:05d},{v}\n" for i, v in enumerate(y.tolist())))
+    fs.put(str(pool), f"{s3_bucket}/sim/pool.parquet")
+    fs.put(str(labels), f"{s3_bucket}/sim/labels.csv")
+    s3 = f"s3://{s3_bucket}/sim"
+    common = ["--budgets", "10,20,30", "--seeds", 2, "--strategies", "uwe,coreset,random", "--no-plot", "-q"]
+    r = invoke(
+        "simulate", f"{s3}/pool.parquet", "--labels", f"{s3}/labels.csv", *common, "--out", tmp_path / "r"
+    )
+    assert r.exit_code == 0, r.output
+    r = invoke("simulate", pool, "--labels", labels, *common, "--out", tmp_path / "l")
+    assert r.exit_code == 0, r.output
+    remote = json.loads((tmp_path / "r" / "results.json").read_text())
+    local = json.loads((tmp_path / "l" / "results.json").read_text())
+    assert remote["curves"] == local["curves"] and remote["recommendation"] == local["recommendation"]
+    assert remote["labels"] == f"{s3}/labels.csv"
+    assert_one_line_error(
+        invoke(
+            "simulate",
+            f"{s3}/pool.parquet",
+            "--labels",
+            f"{s3}/missing.csv",
+            *common,
+            "--out",
+            tmp_path / "m",
+        ),
+        "missing.csv",
+    )
+    assert not (tmp_path / "m").exists()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from uwe_cli.commands._common import cli_errors, emit_json, progress_callback, show_progress, stderr, warn
 
 
 def simulate(
-    pools: list[Path] = typer.Argument(
-        ..., help="Parquet pool file(s) or directories of parts (a unit pool)."
+    pools: list[str] = typer.Argument(
+        ..., help="Parquet pool file(s) or directories of parts (a unit pool; paths or URLs)."
     ),
     budgets: str = typer.Option(
         ...,
@@ -22,8 +20,8 @@ def simulate(
     out: str = typer.Option(
         ..., "--out", "-o", help="Folder for results.json, results.csv and curves.png (created if needed)."
     ),
-    labels: Path | None = typer.Option(
-        None, "--labels", help="Ground truth: a CSV with 'id' and 'label' columns."
+    labels: str | None = typer.Option(
+        None, "--labels", help="Ground truth: a CSV with 'id' and 'label' columns (path or URL)."
     ),
     label_column: str | None = typer.Option(
         None, "--label-column", help="Ground truth from this pool column instead (integers or strings)."

@@ -127,7 +127,8 @@ def load_unit_pool(
 
     Row groups are decoded in parallel threads (Parquet decoding releases the GIL), each streaming its
     batches straight into its rows of one preallocated matrix, so memory stays at the matrix plus a
-    batch per thread. The first problem in file order is the one reported. A `restrict`ed source (a
+    batch per thread. IDs are read and checked first (`read_ids`); then the first problem in file
+    order is the one reported. A `restrict`ed source (a
     distributed worker's share) is read in order through `PoolSource.batches`. `spare_rows` leaves that
     many zero rows after the pool's in `features` (and `probs`): room for centres a distributed worker
     receives from the others.

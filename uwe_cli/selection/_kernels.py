@@ -608,14 +608,32 @@ def best_bucket(maxD, argslot, count, orig, k, orphan):
 
 @njit(cache=True)
 def compact(
-    start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, nbuckets, new_id
+    start,
+    count,
+    maxD,
+    argslot,
+    D,
+    near,
+    norms,
+    orig,
+    xrow,
+    slot_of,
+    Q,
+    qa,
+    qr,
+    screen,
+    nbuckets,
+    new_id,
+    g,
+    X,
 ):
     """Squeeze the dead slots out, keeping every bucket's order. Buckets are taken in the order they sit
     in, so every live slot moves left (never over one not yet moved).
 
     With new_id ≥ 0, the slots a new centre improved (near == new_id, still in their old buckets) are set
     aside and appended after the others as bucket new_id, sorted by D: the way to apply a centre that
-    moves more candidates than the spare room holds. Returns the new end.
+    moves more candidates than the spare room holds. Their norms are recomputed from the rows (g, X), bit
+    for bit as `sq_norms` formed them, rather than set aside. Returns the new end.
     """
     ids = np.empty(nbuckets, dtype=np.int64)
     m = 0
@@ -633,15 +651,16 @@ def compact(
             for s in range(start[a], start[a] + count[a]):
                 if D[s] >= 0.0 and near[s] == new_id:
                     moved += 1
-    aside = np.empty(moved, dtype=np.int64)
+    # Set aside: 16 bytes a slot, 8 more for the sort (plus the screen's row). The second centre often
+    # moves nearly the whole pool, so this is the peak of a run: nothing is kept that can be recomputed
+    # (near is new_id for all of them, the norms come from the rows).
     aD = np.empty(moved)
-    anear = np.empty(moved, dtype=near.dtype)
-    anorm = np.empty(moved)
     aorig = np.empty(moved, dtype=orig.dtype)
     axrow = np.empty(moved, dtype=xrow.dtype)
-    aQ = np.empty((moved if screen else 0, Q.shape[1]), dtype=Q.dtype)
-    aqa = np.empty(moved, dtype=qa.dtype)
-    aqr = np.empty(moved, dtype=qr.dtype)
+    held = moved if screen else 0
+    aQ = np.empty((held, Q.shape[1]), dtype=Q.dtype)
+    aqa = np.empty(held, dtype=qa.dtype)
+    aqr = np.empty(held, dtype=qr.dtype)
     w = 0
     j = 0
     for a in by_pos:
@@ -650,10 +669,7 @@ def compact(
             if D[s] < 0.0:
                 continue
             if new_id >= 0 and near[s] == new_id:
-                aside[j] = s
-                aD[j] = D[s]
-                anear[j] = near[s]
-                anorm[j] = norms[s]
+                aD[j] = -D[s]  # negated: argsort below then gives the largest D first, in place
                 aorig[j] = orig[s]
                 axrow[j] = xrow[s]
                 if screen:
@@ -670,10 +686,15 @@ def compact(
         bucket_top(start, count, maxD, argslot, orig, D, a)
     if new_id >= 0:
         first = w
-        for i in np.argsort(-aD):
-            D[w] = aD[i]
-            near[w] = anear[i]
-            norms[w] = anorm[i]
+        order = np.argsort(aD)
+        zero = np.zeros((g.shape[1], X.shape[1]), dtype=np.float64)
+        for t in range(moved):
+            i = order[t]
+            if t + PREFETCH_AHEAD < moved:
+                _prefetch(X, axrow[order[t + PREFETCH_AHEAD]], 0)
+            D[w] = -aD[i]
+            near[w] = new_id
+            norms[w] = np.sqrt(_sq_dist(g, X, axrow[i], zero, np.inf))
             orig[w] = aorig[i]
             xrow[w] = axrow[i]
             slot_of[aorig[i]] = w

@@ -527,7 +527,7 @@ class CentreTracker(Tracker):
                 self._relayout_rows()
 
     def _compact(self, new_id: int = -1) -> None:
-        self.used = kern.compact(*self._slot_records(), self.capacity + 1, new_id)
+        self.used = kern.compact(*self._slot_records(), self.capacity + 1, new_id, self.g, self.X)
 
     def _slot_records(self) -> tuple:
         """Bucket ranges and slot records, in the order `kern.apply` and `kern.compact` take them."""
