@@ -267,7 +267,8 @@ def test_simulate_reads_pool_and_labels_from_a_bucket(
     remote = json.loads((tmp_path / "r" / "results.json").read_text())
     local = json.loads((tmp_path / "l" / "results.json").read_text())
     assert remote["curves"] == local["curves"] and remote["recommendation"] == local["recommendation"]
-    assert remote["labels"] == f"{s3}/labels.csv"
+    assert remote["config"]["labels"] == f"{s3}/labels.csv"
+    assert remote["config"]["pools"] == [f"{s3}/pool.parquet"]
     assert_one_line_error(
         invoke(
             "simulate",

@@ -42,9 +42,10 @@ __all__ = [
 ]
 
 # Working memory of selection beyond the feature matrix, per row: distances, nearest centre, norms,
-# norm order and positions, weights, IDs (measured ~110 bytes at 10M rows); boxes also keep their
-# image, label, row, score and coordinates. RUNTIME_BYTES: the interpreter and the libraries a selection
-# loads (numba, Arrow, FAISS) with what their allocators keep (measured 250–400 MB).
+# norm order and positions, weights, IDs (measured ~115 bytes at the peak at 10M rows with 16-character
+# IDs; longer IDs cost more); boxes also keep their image, label, row, score and coordinates.
+# RUNTIME_BYTES: the interpreter and the libraries a selection loads (numba, Arrow, FAISS) with what
+# their allocators keep (measured 250–400 MB).
 PER_ROW_OVERHEAD_BYTES = 150
 PER_BOX_OVERHEAD_BYTES = 180
 RUNTIME_BYTES = 400 << 20
