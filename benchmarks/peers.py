@@ -307,9 +307,12 @@ def run_uwe(name: str, case: Case, prep: dict) -> dict:
     # kernels and the pool file are in the page cache, as the peers' imports and matrix are (their
     # loading is not timed at all). Without it the first case after a cold cache pays ~1 s of disk reads.
     warm = OUT / f"{name}.warmup.csv"
-    subprocess.run(command(2, warm), capture_output=True, text=True)
+    proc = subprocess.run(command(2, warm), capture_output=True, text=True)
+    if proc.returncode:
+        return {"impl": "uwe select", "status": f"warm-up failed: {proc.stderr.strip()[-200:]}"}
     warm.unlink(missing_ok=True)
     out.unlink(missing_ok=True)
+    rss.unlink(missing_ok=True)  # the timed run writes its own peak
     t = time.perf_counter()
     proc = subprocess.run(command(case.budget, out), capture_output=True, text=True)
     seconds = time.perf_counter() - t

@@ -285,6 +285,11 @@ def _bad_pools(tmp_path: Path, rng) -> dict[str, tuple[list[str], str]]:
         [pool("dup", ids=[f"x{i % 9}" for i in range(10)])],
         "duplicate id in pool: 'x0'",
     )
+    # IDs are read and checked before anything else: the duplicate wins over an earlier NaN feature
+    cases["ids checked first"] = (
+        [pool("dupnan", F=F_nan, ids=[f"x{i % 9}" for i in range(10)])],
+        "duplicate id in pool: 'x0'",
+    )
     empty = tmp_path / "empty.parquet"
     write_pool(empty, np.zeros((0, 3), np.float32), np.zeros(0))
     cases["empty pool"] = ([str(empty)], "pool is empty")

@@ -130,20 +130,37 @@ def test_kmeanspp_and_badge_on_every_path(rng, every_path):
 
 
 @pytest.mark.parametrize("n_labeled", [0, 8, 50])
-def test_features_handed_over_are_reordered_in_place_with_the_same_result(rng, every_path, n_labeled):
+@pytest.mark.parametrize("weights", ["uwe", "badge", "read-only"])
+def test_features_handed_over_are_reordered_in_place_with_the_same_result(
+    rng, every_path, n_labeled, weights
+):
     n = 700
     F = clustered(rng, n, 32)
-    w = rng.random(n)
+    if weights == "badge":
+        G = badge_weights(rng.dirichlet(np.ones(4), n).astype(np.float32))  # K = 4
+        E = (G[:, :, None] * F.astype(np.float64)[:, None, :]).reshape(n, -1)
+    else:
+        G = as_weights(rng.random(n), n)
+        E = dense_embeddings(F, G[:, 0])
     cand, lab = split(rng, n, n_labeled)
     cand = cand[cand % 11 != 0]  # excluded rows: neither candidates nor centres
-    ref_picks, _ = kcg_reference(dense_embeddings(F, w), cand, lab, 150)
-    mine = F.copy()
-    tracker = CentreTracker(DenseEmbedding(mine, as_weights(w, n), reorder=True), cand, lab.size + 150)
+    ref_picks, _ = kcg_reference(E, cand, lab, 150)
+    mine, mine_g = F.copy(), G.copy()
+    mine_g.flags.writeable = weights != "read-only"
+    tracker = CentreTracker(DenseEmbedding(mine, mine_g, reorder=True), cand, lab.size + 150)
     res = k_center_greedy(tracker, lab, 150)
     np.testing.assert_array_equal(res.positions, ref_picks)
-    assert not np.array_equal(mine, F)  # permuted in place, not copied
-    rows = np.concatenate([cand, np.setdiff1d(np.arange(n), cand)])
-    assert sorted(map(bytes, mine)) == sorted(map(bytes, F[rows]))  # the same rows, nothing lost
+    rest = np.setdiff1d(np.arange(n), cand)
+    m = cand.size
+    # candidates in front (in the engine's order), every other row after them in row order, in place
+    np.testing.assert_array_equal(mine[m:], F[rest])
+    assert sorted(map(bytes, mine[:m])) == sorted(map(bytes, F[cand]))
+    if weights == "read-only":
+        np.testing.assert_array_equal(mine_g, G)  # left alone, copied instead
+    else:  # the weights moved with their feature rows
+        np.testing.assert_array_equal(mine_g[m:], G[rest])
+        pairs = sorted(bytes(f) + bytes(g) for f, g in zip(mine[:m], mine_g[:m], strict=True))
+        assert pairs == sorted(bytes(f) + bytes(g) for f, g in zip(F[cand], G[cand], strict=True))
 
 
 def test_caller_features_are_left_alone_without_handover(rng, every_path):

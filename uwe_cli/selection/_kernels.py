@@ -163,6 +163,16 @@ def sq_norms(G, F, rows):  # pragma: no cover - compiled
     return out
 
 
+@njit(parallel=True, cache=True)
+def slot_norms(g, X, xrow, norms, lo, hi):  # pragma: no cover - compiled
+    """norms[s] = ‖g[r]⊗X[r]‖ (r = xrow[s]) for lo ≤ s < hi, bit for bit as `sq_norms` and numpy's sqrt."""
+    zero = np.zeros((g.shape[1], X.shape[1]), dtype=np.float64)
+    for s in prange(lo, hi):
+        if s + PREFETCH_AHEAD < hi:
+            _prefetch(X, xrow[s + PREFETCH_AHEAD], 0)
+        norms[s] = np.sqrt(_sq_dist(g, X, xrow[s], zero, np.inf))
+
+
 @njit(cache=True)
 def embed(g, f):
     """The float64 embedding g ⊗ f of one row as a K × d matrix."""
@@ -624,16 +634,14 @@ def compact(
     screen,
     nbuckets,
     new_id,
-    g,
-    X,
 ):
     """Squeeze the dead slots out, keeping every bucket's order. Buckets are taken in the order they sit
     in, so every live slot moves left (never over one not yet moved).
 
     With new_id ≥ 0, the slots a new centre improved (near == new_id, still in their old buckets) are set
     aside and appended after the others as bucket new_id, sorted by D: the way to apply a centre that
-    moves more candidates than the spare room holds. Their norms are recomputed from the rows (g, X), bit
-    for bit as `sq_norms` formed them, rather than set aside. Returns the new end.
+    moves more candidates than the spare room holds. Their norms are not set aside: the caller recomputes
+    them (`slot_norms`). Returns the new end.
     """
     ids = np.empty(nbuckets, dtype=np.int64)
     m = 0
@@ -686,15 +694,9 @@ def compact(
         bucket_top(start, count, maxD, argslot, orig, D, a)
     if new_id >= 0:
         first = w
-        order = np.argsort(aD)
-        zero = np.zeros((g.shape[1], X.shape[1]), dtype=np.float64)
-        for t in range(moved):
-            i = order[t]
-            if t + PREFETCH_AHEAD < moved:
-                _prefetch(X, axrow[order[t + PREFETCH_AHEAD]], 0)
+        for i in np.argsort(aD):
             D[w] = -aD[i]
             near[w] = new_id
-            norms[w] = np.sqrt(_sq_dist(g, X, axrow[i], zero, np.inf))
             orig[w] = aorig[i]
             xrow[w] = axrow[i]
             slot_of[aorig[i]] = w

@@ -115,25 +115,23 @@ class CentreTracker(Tracker):
         # Rows and slots start in norm order: a first, coarse locality for the first centres.
         order = np.argsort(sq, kind="stable").astype(idx)
         rows = candidates[order]
-        self._owned = (
-            bool(embedding.reorder)
-            and F is embedding.features
-            and F.flags.writeable
-            and G.flags.writeable
-            and G.flags.c_contiguous
-        )
+        self._owned = bool(embedding.reorder) and F is embedding.features and F.flags.writeable
+        # The weights follow the features when they can be permuted too; read-only weights are copied.
+        self._g_owned = self._owned and G.flags.writeable and G.flags.c_contiguous
         if self._owned:
-            # Candidates (in slot order) to the front, other rows after them in row order; the weights
-            # follow their rows (no copy of either).
+            # Candidates (in slot order) to the front, other rows after them in row order (no copy).
             rest = np.setdiff1d(np.arange(F.shape[0]), candidates, assume_unique=True)
             perm = np.concatenate([rows, rest])
             del rest
             done = np.empty(F.shape[0], dtype=np.bool_)
+            if not self._g_owned:
+                self.g = np.ascontiguousarray(G[rows])
             kern.permute_rows(F, perm, done)
-            kern.permute_rows(G, perm, done)
+            if self._g_owned:
+                kern.permute_rows(G, perm, done)
+                self.g = G[:n]
             del perm, done
             self.X = F[:n]
-            self.g = G[:n]
         else:
             self.X = np.empty((n, d), dtype=np.float32)
             kern.gather_rows(F, rows, self.X)
@@ -215,7 +213,7 @@ class CentreTracker(Tracker):
             r = self.rowpos[p]
             return self.X[r], self.g[r]
         if self._owned:  # other rows sit after the candidates, in row order
-            return self._F[self.n + row - p], self._G[self.n + row - p]
+            return self._F[self.n + row - p], self._G[self.n + row - p if self._g_owned else row]
         return self._F[row], self._G[row]
 
     # -- Tracker interface -------------------------------------------------------------------------
@@ -528,7 +526,10 @@ class CentreTracker(Tracker):
                 self._relayout_rows()
 
     def _compact(self, new_id: int = -1) -> None:
-        self.used = kern.compact(*self._slot_records(), self.capacity + 1, new_id, self.g, self.X)
+        self.used = kern.compact(*self._slot_records(), self.capacity + 1, new_id)
+        if new_id >= 0:  # the moved slots' norms were not set aside: recompute them from their rows
+            lo = int(self.start[new_id])
+            kern.slot_norms(self.g, self.X, self.xrow, self.norms, lo, lo + int(self.count[new_id]))
 
     def _slot_records(self) -> tuple:
         """Bucket ranges and slot records, in the order `kern.apply` and `kern.compact` take them."""
