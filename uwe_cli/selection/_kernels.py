@@ -159,18 +159,10 @@ def sq_norms(G, F, rows):  # pragma: no cover - compiled
     out = np.empty(rows.size, dtype=np.float64)
     zero = np.zeros((G.shape[1], F.shape[1]), dtype=np.float64)
     for t in prange(rows.size):
+        if t + PREFETCH_AHEAD < rows.size:  # rows may be scattered (a compaction's moved slots)
+            _prefetch(F, rows[t + PREFETCH_AHEAD], 0)
         out[t] = _sq_dist(G, F, rows[t], zero, np.inf)
     return out
-
-
-@njit(parallel=True, cache=True)
-def slot_norms(g, X, xrow, norms, lo, hi):  # pragma: no cover - compiled
-    """norms[s] = ‖g[r]⊗X[r]‖ (r = xrow[s]) for lo ≤ s < hi, bit for bit as `sq_norms` and numpy's sqrt."""
-    zero = np.zeros((g.shape[1], X.shape[1]), dtype=np.float64)
-    for s in prange(lo, hi):
-        if s + PREFETCH_AHEAD < hi:
-            _prefetch(X, xrow[s + PREFETCH_AHEAD], 0)
-        norms[s] = np.sqrt(_sq_dist(g, X, xrow[s], zero, np.inf))
 
 
 @njit(cache=True)
@@ -641,7 +633,7 @@ def compact(
     With new_id ≥ 0, the slots a new centre improved (near == new_id, still in their old buckets) are set
     aside and appended after the others as bucket new_id, sorted by D: the way to apply a centre that
     moves more candidates than the spare room holds. Their norms are not set aside: the caller recomputes
-    them (`slot_norms`). Returns the new end.
+    them (`sq_norms`). Returns the new end.
     """
     ids = np.empty(nbuckets, dtype=np.int64)
     m = 0

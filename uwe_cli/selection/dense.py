@@ -124,12 +124,12 @@ class CentreTracker(Tracker):
             perm = np.concatenate([rows, rest])
             del rest
             done = np.empty(F.shape[0], dtype=np.bool_)
-            if not self._g_owned:
-                self.g = np.ascontiguousarray(G[rows])
             kern.permute_rows(F, perm, done)
             if self._g_owned:
                 kern.permute_rows(G, perm, done)
                 self.g = G[:n]
+            else:
+                self.g = np.ascontiguousarray(G[rows])
             del perm, done
             self.X = F[:n]
         else:
@@ -528,8 +528,8 @@ class CentreTracker(Tracker):
     def _compact(self, new_id: int = -1) -> None:
         self.used = kern.compact(*self._slot_records(), self.capacity + 1, new_id)
         if new_id >= 0:  # the moved slots' norms were not set aside: recompute them from their rows
-            lo = int(self.start[new_id])
-            kern.slot_norms(self.g, self.X, self.xrow, self.norms, lo, lo + int(self.count[new_id]))
+            lo, hi = int(self.start[new_id]), int(self.start[new_id] + self.count[new_id])
+            self.norms[lo:hi] = np.sqrt(kern.sq_norms(self.g, self.X, self.xrow[lo:hi].astype(np.int64)))
 
     def _slot_records(self) -> tuple:
         """Bucket ranges and slot records, in the order `kern.apply` and `kern.compact` take them."""
