@@ -34,7 +34,7 @@ from uwe_cli.embedding import check_selection_options, normalize_uncertainty, uw
 from uwe_cli.errors import SelectionError
 from uwe_cli.pool.detection import DetectionPool
 from uwe_cli.selection.greedy import k_center_greedy
-from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats
+from uwe_cli.selection.tracker import Progress, Tracker
 
 SRC_FEATURE = 0  # block = scale * box_features[row]
 SRC_MEAN = 1  # block = means[row]
@@ -572,22 +572,14 @@ class ClasswiseTracker(Tracker):
     pair. The pruning bounds are described in the module docstring.
     """
 
-    def __init__(
-        self,
-        embedding: ClasswiseEmbedding,
-        candidates: np.ndarray,
-        capacity: int,
-        prune: bool = True,
-        device: str = "cpu",
-    ) -> None:
-        emb = embedding
-        cand = check_image_indices(candidates, emb, "candidates", ascending=True)
-        self.emb = emb
-        self.candidates = cand
-        self.prune = prune
+    def _check_candidates(self, embedding: ClasswiseEmbedding, candidates: np.ndarray) -> np.ndarray:
+        return check_image_indices(candidates, embedding, "candidates", ascending=True)
+
+    def _setup(self, embedding: ClasswiseEmbedding, device: str) -> None:
+        self.emb = embedding
         self._refresh()
-        m = len(cand)
-        size = max(capacity, 1)
+        m = len(self.candidates)
+        size = self.capacity
         self.active = np.ones(m, dtype=bool)
         self.min_d2 = np.full(m, np.inf)
         self.nearest = np.full(m, -1, dtype=np.int64)
@@ -597,7 +589,6 @@ class ClasswiseTracker(Tracker):
         self.k = 0
         self.taken = 0
         self.threads = 1 if m < _PARALLEL_MIN_CANDIDATES else numba.get_num_threads()
-        self.stats = TrackerStats()
 
     def _refresh(self) -> None:
         emb = self.emb

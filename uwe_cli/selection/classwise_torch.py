@@ -12,28 +12,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from uwe_cli.selection.classwise import ClasswiseEmbedding, check_image_indices
+from uwe_cli.selection.classwise import ClasswiseEmbedding, ClasswiseTracker, check_image_indices
 from uwe_cli.selection.torch_backend import CHUNK_ELEMENTS, torch_device
-from uwe_cli.selection.tracker import Tracker, TrackerStats
+from uwe_cli.selection.tracker import Tracker
 
 
 class TorchClasswiseTracker(Tracker):
     """ClasswiseTracker's semantics (positions index `candidates`, ties to the earliest) in torch."""
 
-    def __init__(
-        self,
-        embedding: ClasswiseEmbedding,
-        candidates: np.ndarray,
-        capacity: int,
-        prune: bool = True,
-        device: str = "cpu",
-    ) -> None:
+    _check_candidates = ClasswiseTracker._check_candidates
+
+    def _setup(self, embedding: ClasswiseEmbedding, device: str) -> None:
         import torch
 
-        emb = embedding
-        cand = check_image_indices(candidates, emb, "candidates", ascending=True)
-        self.emb = emb
-        self.candidates = cand
+        emb = self.emb = embedding
+        cand = self.candidates
         self.device = torch_device(device)
         dev = self.device
         counts = np.diff(emb.offsets)
@@ -48,7 +41,6 @@ class TorchClasswiseTracker(Tracker):
         self._cand = torch.from_numpy(cand).to(dev)
         self._D = torch.full((len(cand),), float("inf"), dtype=torch.float64, device=dev)
         self.taken = 0
-        self.stats = TrackerStats()
 
     def _vectors(self, blocks):
         """float64 (len(blocks), d) block vectors: scale · feature row, or a row of class means."""

@@ -20,7 +20,7 @@ import numpy as np
 from uwe_cli.selection import _kernels as kern
 from uwe_cli.selection.embedded import DenseEmbedding, as_weights, available_memory
 from uwe_cli.selection.greedy import KCGResult, k_center_greedy, kmeanspp_seeding
-from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats, tracker_class
+from uwe_cli.selection.tracker import Progress, Tracker, tracker_class
 
 __all__ = ["CentreTracker", "DenseEmbedding", "as_weights", "dense_kcg", "dense_kmeanspp", "dense_tracker"]
 
@@ -93,18 +93,10 @@ def _faiss():
 class CentreTracker(Tracker):
     """Squared distance from every candidate to its nearest centre, updated exactly as centres are added."""
 
-    def __init__(
-        self,
-        embedding: DenseEmbedding,
-        candidates: np.ndarray,
-        capacity: int,
-        prune: bool = True,
-        device: str = "cpu",
-    ) -> None:
+    def _setup(self, embedding: DenseEmbedding, device: str) -> None:
         F = np.ascontiguousarray(embedding.features, dtype=np.float32)
         G = as_weights(embedding.weights, F.shape[0])
-        candidates = np.ascontiguousarray(candidates, dtype=np.int64)
-        self.candidates = candidates
+        candidates = self.candidates
         n = candidates.size
         self.n = n
         K, d = G.shape[1], F.shape[1]
@@ -157,8 +149,7 @@ class CentreTracker(Tracker):
         self.slot_of = self.rowpos.copy()  # position -> slot (-1 once picked)
         del order
         self.used = n
-        cap = max(int(capacity), 1)
-        self.capacity = cap
+        cap = self.capacity
         self.orphan = cap  # bucket of candidates without a centre yet
         self.start = np.zeros(cap + 1, dtype=np.int64)
         self.count = np.zeros(cap + 1, dtype=np.int64)
@@ -179,12 +170,10 @@ class CentreTracker(Tracker):
         self.Cnorm = np.empty(cap, dtype=np.float64)
         self.centre_rows = np.empty(cap, dtype=np.int64)
         self.k = 0
-        self.prune = prune
         self.use_faiss = True  # kept for callers; the labeled set is inserted exactly like picks
         self.taken = 0
         self._next_relayout = RELAYOUT_FIRST
-        self.stats = TrackerStats()
-        self.screen = bool(SCREEN and prune and K == 1 and d >= SCREEN_MIN_DIM and n)
+        self.screen = bool(SCREEN and self.prune and K == 1 and d >= SCREEN_MIN_DIM and n)
         if self.screen:
             need = cap_slots * (d + 8)
             spare = embedding.spare_bytes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from uwe_cli.selection.embedded import DenseEmbedding, as_weights
-from uwe_cli.selection.tracker import Tracker, TrackerStats
+from uwe_cli.selection.tracker import Tracker
 
 # Work (multiply-adds: rows × K·d × (labeled + budget)) and embedding size (rows × K·d) up to which
 # selection uses this engine instead of compiling one.
@@ -27,23 +27,14 @@ def is_small(rows: int, dim: int, centres: int) -> bool:
 class NumpyTracker(Tracker):
     """Nearest-centre distances by a full float64 pass per centre (no pruning, no compilation)."""
 
-    def __init__(
-        self,
-        embedding: DenseEmbedding,
-        candidates: np.ndarray,
-        capacity: int,
-        prune: bool = True,
-        device: str = "cpu",
-    ) -> None:
+    def _setup(self, embedding: DenseEmbedding, device: str) -> None:
         F = embedding.features
         self._G = as_weights(embedding.weights, F.shape[0])
         self._F = F
-        self.candidates = np.ascontiguousarray(candidates, dtype=np.int64)
         self.E = self._embed(self.candidates)
         n = self.candidates.size
         self.D = np.full(n, np.inf)
         self.taken = np.zeros(n, dtype=np.bool_)
-        self.stats = TrackerStats()
         self._step = max(1, CHUNK_ELEMENTS // max(1, self.E.shape[1]))
 
     def _embed(self, rows: np.ndarray) -> np.ndarray:

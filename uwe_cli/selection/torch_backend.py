@@ -14,7 +14,7 @@ import numpy as np
 from uwe_cli.errors import ResourceError
 from uwe_cli.selection._kernels import F32_EPS, NORM_SLACK, PRUNE_MARGIN, SCREEN_MAX_ABS, screen_constants
 from uwe_cli.selection.dense import DenseEmbedding, as_weights
-from uwe_cli.selection.tracker import Tracker, TrackerStats
+from uwe_cli.selection.tracker import Tracker
 
 CHUNK_ELEMENTS = 1 << 24  # float64 elements per distance block (128 MB)
 
@@ -30,20 +30,12 @@ def torch_device(name: str):
 class TorchCentreTracker(Tracker):
     """Nearest-centre distances in float64 on `device`; candidates stay in the caller's order."""
 
-    def __init__(
-        self,
-        embedding: DenseEmbedding,
-        candidates: np.ndarray,
-        capacity: int,
-        prune: bool = True,
-        device: str = "cpu",
-    ) -> None:
+    def _setup(self, embedding: DenseEmbedding, device: str) -> None:
         import torch
 
         self.device = torch_device(device)
         F = np.ascontiguousarray(embedding.features, dtype=np.float32)
         G = as_weights(embedding.weights, F.shape[0])
-        self.candidates = np.ascontiguousarray(candidates, dtype=np.int64)
         self._F = torch.from_numpy(F).to(self.device)
         self._G = torch.from_numpy(G).to(self.device)
         self._cand = torch.from_numpy(self.candidates).to(self.device)
@@ -52,12 +44,11 @@ class TorchCentreTracker(Tracker):
         self._D = torch.full((n,), float("inf"), dtype=torch.float64, device=self.device)
         self._near = torch.full((n,), -1, dtype=torch.int64, device=self.device)
         self._norms = self._sq_dist(self._cand, None).sqrt()
-        self._centre_rows = torch.empty(max(capacity, 1), dtype=torch.int64, device=self.device)
+        self._centre_rows = torch.empty(self.capacity, dtype=torch.int64, device=self.device)
         self.k = 0
-        self.prune = prune
         self.taken = 0
         # The float32 screen needs K = 1 (the embedding is g·f) and values whose squares fit in float32.
-        self.screen = prune and G.shape[1] == 1
+        self.screen = self.prune and G.shape[1] == 1
         if self.screen:
             top = np.empty(n, dtype=np.float64)
             for s in range(0, n, 65_536):
@@ -68,7 +59,6 @@ class TorchCentreTracker(Tracker):
             ok = (top <= SCREEN_MAX_ABS) & ((g == 0) | (g >= 2.0**-100))
             self._screenable = torch.from_numpy(ok).to(self.device)
         self._bound = screen_constants(F.shape[1])
-        self.stats = TrackerStats()
 
     def _sq_dist(self, rows, E):
         """‖G[r]⊗F[r] − E‖² in float64 for a tensor of pool rows (E None: the squared norm), in chunks."""

@@ -53,8 +53,22 @@ class Tracker(ABC):
     out of play: `distances()` reports -1 for them and `argmax` never returns them.
     """
 
-    candidates: np.ndarray
-    stats: TrackerStats
+    def __init__(
+        self, embedding: Any, candidates: np.ndarray, capacity: int, prune: bool = True, device: str = "cpu"
+    ) -> None:
+        """Every engine is built alike: room for `capacity` centres; `prune=False` computes every distance."""
+        self.candidates = self._check_candidates(embedding, candidates)
+        self.capacity = max(int(capacity), 1)
+        self.prune = prune
+        self.stats = TrackerStats()
+        self._setup(embedding, device)
+
+    def _check_candidates(self, embedding: Any, candidates: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(candidates, dtype=np.int64)
+
+    @abstractmethod
+    def _setup(self, embedding: Any, device: str) -> None:
+        """Build the engine's state for `self.candidates`."""
 
     @abstractmethod
     def init_centres(self, rows: np.ndarray) -> None:
