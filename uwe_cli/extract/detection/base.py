@@ -143,6 +143,38 @@ def backbone_features(model: Any, tensors: torch.Tensor) -> OrderedDict[str, tor
     return features
 
 
+def run_one_stage_head(
+    model: Any, images: list[torch.Tensor], convs: Callable[[Any], list[Any]]
+) -> tuple[list[tuple[int, int]], Any, list[torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
+    """A one-stage detector's transform, backbone and head, recording the input of `convs(model)` (the
+    final classification convs) per level. Returns (original sizes, image list, backbone features,
+    head outputs, one recorded map per level)."""
+    from uwe_cli.models import ForwardTap
+
+    original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    image_list, _ = model.transform(images)
+    features = list(backbone_features(model, image_list.tensors).values())
+    recorder = ForwardTap(convs(model))
+    try:
+        head_outputs = model.head(features)
+    finally:
+        recorder.remove()
+    return original_sizes, image_list, features, head_outputs, recorder.values[: len(features)]
+
+
+def nms_keep(
+    parts: dict[str, list[torch.Tensor]], nms_thresh: float, max_dets: int
+) -> dict[str, torch.Tensor]:
+    """One image's candidates (lists of per-level or per-class tensors, keys boxes, scores, labels and
+    any carried along) after torchvision's batched NMS per label and its top `max_dets`."""
+    import torch
+    from torchvision.ops import boxes as box_ops
+
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    keep = box_ops.batched_nms(cat["boxes"], cat["scores"], cat["labels"], nms_thresh)[:max_dets]
+    return {k: v[keep] for k, v in cat.items()}
+
+
 def gather_level_features(
     level_maps: list[torch.Tensor],
     anchors_per_location: list[int],

@@ -13,12 +13,12 @@ from uwe_cli.extract.detection.base import (
     DetectorInfo,
     Family,
     ImageDetections,
-    backbone_features,
     gather_level_features,
+    nms_keep,
     register_family,
     rescale_and_finish,
+    run_one_stage_head,
 )
-from uwe_cli.models import ForwardTap
 
 if TYPE_CHECKING:
     import torch
@@ -42,15 +42,9 @@ def run_dense_sigmoid(
     from torchvision.models.detection import _utils as det_utils
     from torchvision.ops import boxes as box_ops
 
-    original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-    image_list, _ = model.transform(images)
-    features = list(backbone_features(model, image_list.tensors).values())
-    recorder = ForwardTap([model.head.classification_head.cls_logits])
-    try:
-        head_outputs = model.head(features)
-    finally:
-        recorder.remove()
-    level_maps = recorder.values[: len(features)]
+    original_sizes, image_list, features, head_outputs, level_maps = run_one_stage_head(
+        model, images, lambda m: [m.head.classification_head.cls_logits]
+    )
     anchors = model.anchor_generator(image_list, features)
 
     hw = [x.size(2) * x.size(3) for x in features]
@@ -63,7 +57,9 @@ def run_dense_sigmoid(
 
     results = []
     for index, image_shape in enumerate(image_list.image_sizes):
-        image_boxes, image_scores, image_labels, image_anchor, image_probs = [], [], [], [], []
+        parts: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("boxes", "scores", "labels", "anchor", "probs")
+        }
         for level in range(len(per_level)):
             logits = split["cls_logits"][level][index]
             regression = split["bbox_regression"][level][index]
@@ -87,28 +83,15 @@ def run_dense_sigmoid(
                 boxes = model.box_coder.decode_single(regression[anchor_idxs], level_anchors[anchor_idxs])
             else:
                 boxes = model.box_coder.decode(regression[anchor_idxs], level_anchors[anchor_idxs])
-            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
-            image_boxes.append(boxes)
-            image_scores.append(scores)
-            image_labels.append(labels)
-            image_anchor.append(anchor_idxs + starts[level])
-            image_probs.append(class_scores[anchor_idxs])
-        boxes = torch.cat(image_boxes)
-        scores = torch.cat(image_scores)
-        labels = torch.cat(image_labels)
-        anchor = torch.cat(image_anchor)
-        probs = torch.cat(image_probs)
-        keep = box_ops.batched_nms(boxes, scores, labels, model.nms_thresh)
-        keep = keep[:max_dets]
-        results.append(
-            {
-                "boxes": boxes[keep],
-                "scores": scores[keep],
-                "labels": labels[keep],
-                "probs": probs[keep],
-                "features": gather_level_features(level_maps, [a] * len(hw), index, anchor[keep], width),
-            }
-        )
+            parts["boxes"].append(box_ops.clip_boxes_to_image(boxes, image_shape))
+            parts["scores"].append(scores)
+            parts["labels"].append(labels)
+            parts["anchor"].append(anchor_idxs + starts[level])
+            parts["probs"].append(class_scores[anchor_idxs])
+        kept = nms_keep(parts, model.nms_thresh, max_dets)
+        anchor = kept.pop("anchor")
+        kept["features"] = gather_level_features(level_maps, [a] * len(hw), index, anchor, width)
+        results.append(kept)
     return rescale_and_finish(model, results, image_list.image_sizes, original_sizes)
 
 

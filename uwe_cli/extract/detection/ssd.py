@@ -8,13 +8,13 @@ from uwe_cli.extract.detection.base import (
     DetectorInfo,
     Family,
     ImageDetections,
-    backbone_features,
     final_conv,
     gather_level_features,
+    nms_keep,
     register_family,
     rescale_and_finish,
+    run_one_stage_head,
 )
-from uwe_cli.models import ForwardTap
 
 if TYPE_CHECKING:
     import torch
@@ -51,17 +51,11 @@ def run_ssd(
     from torchvision.models.detection import _utils as det_utils
     from torchvision.ops import boxes as box_ops
 
-    original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-    image_list, _ = model.transform(images)
-    features = list(backbone_features(model, image_list.tensors).values())
     cls_head = model.head.classification_head
     finals = [final_conv(m) for m in cls_head.module_list]
-    recorder = ForwardTap(finals)
-    try:
-        head_outputs = model.head(features)
-    finally:
-        recorder.remove()
-    level_maps = recorder.values[: len(features)]
+    original_sizes, image_list, features, head_outputs, level_maps = run_one_stage_head(
+        model, images, lambda _: finals
+    )
     anchors_per_location = [int(c.out_channels) // int(cls_head.num_columns) for c in finals]
     width = max(int(c.in_channels) for c in finals)
     image_anchors = model.anchor_generator(image_list, features)
@@ -77,7 +71,7 @@ def run_ssd(
     ):
         boxes_all = model.box_coder.decode_single(regression, anchors)
         boxes_all = box_ops.clip_boxes_to_image(boxes_all, image_shape)
-        image_boxes, image_scores, image_labels, image_anchor = [], [], [], []
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("boxes", "scores", "labels", "anchor")}
         for label in range(1, num_classes):
             score = all_scores[:, label]
             keep_idxs = score > score_thresh
@@ -86,27 +80,15 @@ def run_ssd(
             idx = torch.where(keep_idxs)[0]
             num_topk = det_utils._topk_min(score, model.topk_candidates, 0)
             score, order = score.topk(num_topk)
-            image_boxes.append(box[order])
-            image_scores.append(score)
-            image_labels.append(torch.full_like(score, fill_value=label, dtype=torch.int64, device=device))
-            image_anchor.append(idx[order])
-        boxes = torch.cat(image_boxes)
-        scores = torch.cat(image_scores)
-        labels = torch.cat(image_labels)
-        anchor = torch.cat(image_anchor)
-        keep = box_ops.batched_nms(boxes, scores, labels, model.nms_thresh)
-        keep = keep[:max_dets]
-        results.append(
-            {
-                "boxes": boxes[keep],
-                "scores": scores[keep],
-                "labels": labels[keep],
-                "probs": all_scores[anchor[keep]],
-                "features": gather_level_features(
-                    level_maps, anchors_per_location, index, anchor[keep], width
-                ),
-            }
-        )
+            parts["boxes"].append(box[order])
+            parts["scores"].append(score)
+            parts["labels"].append(torch.full_like(score, fill_value=label, dtype=torch.int64, device=device))
+            parts["anchor"].append(idx[order])
+        kept = nms_keep(parts, model.nms_thresh, max_dets)
+        anchor = kept.pop("anchor")
+        kept["probs"] = all_scores[anchor]
+        kept["features"] = gather_level_features(level_maps, anchors_per_location, index, anchor, width)
+        results.append(kept)
     return rescale_and_finish(model, results, image_list.image_sizes, original_sizes)
 
 
