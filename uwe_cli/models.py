@@ -481,6 +481,18 @@ class ForwardTap:
         self._handles = []
 
 
+class TappedModel:
+    """A loaded model and the tap on its feature layer (None: the model returns its features itself)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.tap: ForwardTap | None = None
+
+    def close(self) -> None:
+        if self.tap is not None:
+            self.tap.remove()
+
+
 def find_module(module: Any, dotted: str) -> Any:
     """A submodule by dotted name (`layer4`, `classifier.1`), or ModelError listing a few valid names."""
     modules = dict(module.named_modules())

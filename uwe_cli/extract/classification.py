@@ -31,6 +31,7 @@ from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTa
 from uwe_cli.models import (
     ForwardTap,
     LoadedModel,
+    TappedModel,
     enable_dropout,
     find_module,
     last_linear_name,
@@ -70,12 +71,11 @@ def _split_output(output: Any) -> tuple[Any, Any]:
     return output, None
 
 
-class Member:
+class Member(TappedModel):
     """One ensemble member with its feature tap."""
 
     def __init__(self, loaded: LoadedModel, feature_layer: str | None) -> None:
-        self.loaded = loaded
-        self.tap: ForwardTap | None = None
+        super().__init__(loaded)
         module = loaded.module
         if loaded.scripted:
             if feature_layer:
@@ -104,10 +104,6 @@ class Member:
         if feats is not None:
             feats = feats.reshape(feats.shape[0], -1)
         return logits, feats
-
-    def close(self) -> None:
-        if self.tap is not None:
-            self.tap.remove()
 
 
 class ClassificationTask(ExtractionTask):

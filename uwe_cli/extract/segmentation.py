@@ -33,7 +33,7 @@ from uwe_cli import __version__, storage
 from uwe_cli.data import IMAGENET_MEAN, IMAGENET_STD, ImageItem, check_mean_std
 from uwe_cli.errors import DataError, ModelError
 from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
-from uwe_cli.models import ForwardTap, LoadedModel, load_model
+from uwe_cli.models import ForwardTap, LoadedModel, TappedModel, load_model
 from uwe_cli.outputs import file_name_for_id
 from uwe_cli.schema import REGION_COLUMNS, UNCERTAINTY_MEASURES, record_batch, unit_schema
 
@@ -454,17 +454,16 @@ def write_heatmap(path: str | Path, values: np.ndarray, vmax: float, size_hw: tu
     storage.save_png(path, image)
 
 
-class SegmentationRunner:
+class SegmentationRunner(TappedModel):
     """A loaded model plus its feature hook: `forward` returns logits and classifier inputs for a batch.
 
     Separate from the run loop so tests and the benchmark use exactly the code path of the CLI.
     """
 
     def __init__(self, loaded: LoadedModel, num_classes: int | None, feature_layer: str | None) -> None:
-        self.loaded = loaded
+        super().__init__(loaded)
         self.num_classes = num_classes
         self.requested_layer = feature_layer
-        self.hook: ForwardTap | None = None
         self.layer_name = ""
         if feature_layer:
             self._attach(num_classes or 0)  # a missing name fails before any image is read
@@ -475,7 +474,7 @@ class SegmentationRunner:
 
     def _attach(self, num_classes: int) -> None:
         name, module = find_feature_layer(self.loaded.module, num_classes, self.requested_layer)
-        self.hook = ForwardTap([module], name=name)
+        self.tap = ForwardTap([module], name=name)
         self.layer_name = name
 
     def forward(self, images: Any) -> tuple[Any, Any]:
@@ -492,12 +491,12 @@ class SegmentationRunner:
             raise ModelError(f"model {self.loaded.name} outputs {logits.shape[1]} class channel(s); need ≥ 2")
         if logits.shape[0] != images.shape[0]:
             raise ModelError(f"model returned {logits.shape[0]} outputs for {images.shape[0]} images")
-        if self.hook is None:
+        if self.tap is None:
             # K was unknown (or its classifier not found yet): hook the classifier, run the batch again.
             self.num_classes = int(logits.shape[1])
             self._attach(self.num_classes)
             return self.forward(images)
-        features = self.hook.take()
+        features = self.tap.take()
         if not isinstance(features, torch.Tensor) or features.ndim != 4:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ModelError(
@@ -510,10 +509,6 @@ class SegmentationRunner:
                 "images; choose another --feature-layer"
             )
         return logits, features
-
-    def close(self) -> None:
-        if self.hook is not None:
-            self.hook.remove()
 
 
 class SegmentationTask(ExtractionTask):
