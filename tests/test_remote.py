@@ -282,3 +282,45 @@ def test_simulate_reads_pool_and_labels_from_a_bucket(
         "missing.csv",
     )
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["select", "simulate", "inspect"])
+def test_storage_option_reaches_the_filesystem(
+    command: str,
+    s3_server,
+    s3_bucket: str,
+    fs: s3fs.S3FileSystem,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--storage-option endpoint_url=...` wins over an environment that points nowhere."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 4)).astype(np.float32)
+    pool = write_pool(tmp_path / "pool.parquet", X, rng.random(60).astype(np.float32))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,label\n" + "".join(f"s{i:05d},{int(v > 0)}\n" for i, v in enumerate(X[:, 0])))
+    fs.put(str(pool), f"{s3_bucket}/opt/pool.parquet")
+    fs.put(str(labels), f"{s3_bucket}/opt/labels.csv")
+    s3 = f"s3://{s3_bucket}/opt"
+    out = tmp_path / "out"
+    args: list[object] = {
+        "select": ["select", f"{s3}/pool.parquet", "--budget", 5, "--out", out, "-q"],
+        "simulate": [
+            *["simulate", f"{s3}/pool.parquet", "--labels", f"{s3}/labels.csv", "--budgets", "10,20"],
+            *["--seeds", 1, "--strategies", "uwe,random", "--no-plot", "--out", out, "-q"],
+        ],
+        "inspect": ["inspect", f"{s3}/pool.parquet", "--json"],
+    }[command]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert_one_line_error(invoke(*args), "cannot reach the storage endpoint", out)
+        r = invoke(*args, "--storage-option", f"endpoint_url={s3_server.endpoint_url}")
+        assert r.exit_code == 0, r.output
+        if command == "inspect":
+            assert json.loads(r.stdout)["rows"] == 60
+        else:
+            assert out.exists()
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

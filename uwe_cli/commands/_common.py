@@ -121,3 +121,39 @@ def apply_storage_options(pairs: list[str]) -> None:
     from uwe_cli import storage
 
     storage.configure(storage.parse_storage_options(pairs))
+
+
+# Options several commands take, declared (flag, help) once.
+JsonSummary = Annotated[bool, typer.Option("--json", help="Print a one-line JSON summary on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
+MaxMemory = Annotated[
+    str | None, typer.Option("--max-memory", help="Refuse pools needing more memory than this (e.g. 8G).")
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local instance)."
+    ),
+]
+BatchFile = Annotated[str, typer.Argument(help="Batch CSV written by `uwe select` (path or URL).")]
+BatchPool = Annotated[
+    list[str], typer.Option("--pool", "-p", help="The pool the batch was selected from (path or URL).")
+]
+
+
+@contextlib.contextmanager
+def output_target(
+    out: str,
+    inputs: list[Any],
+    json_summary: bool = False,
+    storage_option: list[str] | None = None,
+    **kw: Any,
+) -> Iterator[Any]:
+    """The body of a command that writes `out`, inside `cli_errors`: `--json` beside `--out -` refused,
+    remote filesystems configured, and `out` resolved (never one of `inputs`; `kw` to `resolve_output`)."""
+    from uwe_cli.outputs import resolve_output
+
+    refuse_two_stdout_outputs(out, json_summary)
+    with cli_errors():
+        apply_storage_options(storage_option or [])
+        yield resolve_output(out, "--out", inputs=inputs, **kw)

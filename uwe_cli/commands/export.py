@@ -7,22 +7,22 @@ from pathlib import Path
 import typer
 
 from uwe_cli.commands._common import (
+    BatchFile,
+    BatchPool,
+    JsonSummary,
+    Quiet,
     StorageOption,
-    apply_storage_options,
-    cli_errors,
     emit_json,
+    output_target,
     progress_callback,
-    refuse_two_stdout_outputs,
     show_progress,
     stderr,
 )
 
 
 def export(
-    batch: str = typer.Argument(..., help="Batch CSV written by `uwe select` (path or URL)."),
-    pool: list[str] = typer.Option(
-        ..., "--pool", "-p", help="The pool the batch was selected from (path or URL)."
-    ),
+    batch: BatchFile,
+    pool: BatchPool,
     to: str = typer.Option(..., "--to", help="labelstudio | coco | csv."),
     out: str = typer.Option(..., "--out", "-o", help="File to write, or '-' for stdout."),
     predictions: str = typer.Option(
@@ -50,20 +50,16 @@ def export(
     ),
     to_name: str = typer.Option("image", help="Label Studio image tag name (its value must be $image)."),
     model_version: str = typer.Option("uwe", help="Label Studio prediction model_version."),
-    json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
     storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Write the batch as Label Studio tasks, COCO or CSV, with the model's predictions as pre-annotations."""
     from uwe_cli.export import ExportOptions, ImageRefs, parse_path_map, run_export
-    from uwe_cli.outputs import resolve_output
     from uwe_cli.picks import parse_class_names
 
-    refuse_two_stdout_outputs(out, json_summary)
-    with cli_errors():
-        apply_storage_options(storage_option)
-        inputs = [batch, *pool, *([images] if images is not None else [])]
-        target = resolve_output(out, "--out", inputs=inputs)
+    inputs = [batch, *pool, *([images] if images is not None else [])]
+    with output_target(out, inputs, json_summary, storage_option) as target:
         opts = ExportOptions(
             to=to,
             predictions=predictions,

@@ -15,6 +15,9 @@ from typing import Annotated, Any
 import typer
 
 from uwe_cli.commands._common import (
+    JsonSummary,
+    Quiet,
+    RayAddress,
     StorageOption,
     apply_storage_options,
     cli_errors,
@@ -79,8 +82,6 @@ Trust = Annotated[
 ]
 Mean = Annotated[str | None, typer.Option("--mean", help="Normalisation mean R,G,B (default: ImageNet).")]
 Std = Annotated[str | None, typer.Option("--std", help="Normalisation std R,G,B (default: ImageNet).")]
-Json = Annotated[bool, typer.Option("--json", help="Print a one-line JSON summary on stdout.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -138,16 +139,8 @@ SHARED: dict[str, tuple[Any, Any]] = {
         Annotated[float, typer.Option("--gpus-per-worker", help="With --ray: GPUs per model actor.")],
         0.0,
     ),
-    "ray_address": (
-        Annotated[
-            str | None,
-            typer.Option(
-                "--ray-address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local instance)."
-            ),
-        ],
-        None,
-    ),
-    "json_summary": (Json, False),
+    "ray_address": (RayAddress, None),
+    "json_summary": (JsonSummary, False),
     "quiet": (Quiet, False),
 }
 

@@ -7,22 +7,22 @@ from pathlib import Path
 import typer
 
 from uwe_cli.commands._common import (
+    BatchFile,
+    BatchPool,
+    JsonSummary,
+    Quiet,
     StorageOption,
-    apply_storage_options,
-    cli_errors,
     emit_json,
+    output_target,
     progress_callback,
-    refuse_two_stdout_outputs,
     show_progress,
     stderr,
 )
 
 
 def report(
-    batch: str = typer.Argument(..., help="Batch CSV written by `uwe select` (path or URL)."),
-    pool: list[str] = typer.Option(
-        ..., "--pool", "-p", help="The pool the batch was selected from (path or URL)."
-    ),
+    batch: BatchFile,
+    pool: BatchPool,
     out: str = typer.Option(..., "--out", "-o", help="HTML file to write ('-' for stdout)."),
     labeled: str | None = typer.Option(None, help="Labeled IDs (as given to `uwe select --labeled`)."),
     settings: Path | None = typer.Option(
@@ -49,20 +49,16 @@ def report(
     quality: int = typer.Option(80, min=10, max=95, help="JPEG quality of the thumbnails."),
     title: str | None = typer.Option(None, help="Page title (default: the batch file name)."),
     seed: int = typer.Option(0, help="Seed of the map subsample and projection."),
-    json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
     storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Write a self-contained HTML report: thumbnails in pick order, map, histograms, settings."""
-    from uwe_cli.outputs import resolve_output
     from uwe_cli.picks import parse_class_names
     from uwe_cli.report import ReportOptions, run_report
 
-    refuse_two_stdout_outputs(out, json_summary)
-    with cli_errors():
-        apply_storage_options(storage_option)
-        inputs = [batch, *pool, *(p for p in (labeled, settings, heatmaps, images) if p is not None)]
-        target = resolve_output(out, "--out", inputs=inputs)
+    inputs = [batch, *pool, *(p for p in (labeled, settings, heatmaps, images) if p is not None)]
+    with output_target(out, inputs, json_summary, storage_option) as target:
         opts = ReportOptions(
             labeled=labeled,
             heatmaps=heatmaps,

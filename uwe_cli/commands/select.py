@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 from uwe_cli.commands._common import (
+    JsonSummary,
+    MaxMemory,
+    Quiet,
+    RayAddress,
     StorageOption,
-    apply_storage_options,
-    cli_errors,
+    emit_json,
     fail,
+    output_target,
     progress_callback,
-    refuse_two_stdout_outputs,
     show_progress,
     stderr,
     warn,
@@ -43,28 +44,22 @@ def select(
     ),
     seed: int = typer.Option(0, help="Seed for random, kmeanspp and badge."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    max_memory: str | None = typer.Option(None, help="Refuse pools needing more memory than this (e.g. 8G)."),
-    json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress on stderr."),
+    max_memory: MaxMemory = None,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
     storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
     ray: bool = typer.Option(
         False, "--ray", help="Run on a Ray cluster: the pool spread over --workers actors."
     ),
-    ray_address: str | None = typer.Option(
-        None, "--ray-address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local instance)."
-    ),
+    ray_address: RayAddress = None,
     workers: int = typer.Option(2, "--workers", help="With --ray: actors holding a share of the pool each."),
 ) -> None:
     """Choose the next batch to label from a pool of per-sample uncertainty and features."""
     from uwe_cli.batch import write_batch
-    from uwe_cli.outputs import resolve_output
     from uwe_cli.select import parse_memory, run_select
 
-    refuse_two_stdout_outputs(out, json_summary)
-    with cli_errors():
-        apply_storage_options(storage_option)
-        inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
-        target = resolve_output(out, "--out", inputs=inputs)
+    inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
+    with output_target(out, inputs, json_summary, storage_option) as target:
         limit = parse_memory(max_memory) if max_memory else None
         common = {
             "strategy": strategy,
@@ -93,7 +88,7 @@ def select(
         write_batch(result.batch, target)
         result.summary["out"] = out
         if json_summary:
-            typer.echo(json.dumps(result.summary, sort_keys=True))
+            emit_json(result.summary)
         if not quiet:
             _print_summary(result)
 

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from uwe_cli.commands._common import cli_errors, emit_json, progress_callback, show_progress, stderr, warn
+from uwe_cli.commands._common import (
+    JsonSummary,
+    MaxMemory,
+    Quiet,
+    StorageOption,
+    emit_json,
+    output_target,
+    progress_callback,
+    show_progress,
+    stderr,
+    warn,
+)
 
 
 def simulate(
@@ -49,12 +60,12 @@ def simulate(
         True, "--plot/--no-plot", help="Write curves.png (needs matplotlib: pip install uwe-cli\\[plot])."
     ),
     device: str = typer.Option("auto", help="Selection engine device: auto | cpu | cuda."),
-    max_memory: str | None = typer.Option(None, help="Refuse pools needing more memory than this (e.g. 8G)."),
-    json_summary: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table or progress on stderr."),
+    max_memory: MaxMemory = None,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Which strategy and tau work on your data: replay active learning on labeled features with a probe."""
-    from uwe_cli.outputs import resolve_output
     from uwe_cli.select import parse_memory
     from uwe_cli.simulate import (
         output_files,
@@ -65,9 +76,10 @@ def simulate(
         write_results,
     )
 
-    with cli_errors():
-        inputs = [*pools, *([labels] if labels is not None else [])]
-        target = resolve_output(out, "--out", inputs=inputs, directory=True, allow_stdout=False)
+    inputs = [*pools, *([labels] if labels is not None else [])]
+    with output_target(
+        out, inputs, storage_option=storage_option, directory=True, allow_stdout=False
+    ) as target:
         files = output_files(target, inputs)
         budget_list = parse_int_list(budgets, "--budgets")
         taus = parse_float_list(tau, "--tau")
