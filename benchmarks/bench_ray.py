@@ -66,8 +66,8 @@ def bench_cluster(budget: int) -> None:
     from ray.cluster_utils import Cluster
     from synthetic import write_unit_pool
 
-    from uwe_cli.cluster.select import run_select_ray
     from uwe_cli.select import run_select
+    from uwe_cli.selection.request import RayOptions
 
     pool = OUT / "pool-200000x512.parquet"
     if not pool.exists():
@@ -87,7 +87,7 @@ def bench_cluster(budget: int) -> None:
         local = run_select([pool], budget)
         local_s = time.perf_counter() - t
         t = time.perf_counter()
-        dist = run_select_ray([pool], budget, workers=2)
+        dist = run_select([pool], budget, ray=RayOptions(workers=2))
         dist_s = time.perf_counter() - t
     finally:
         ray.shutdown()

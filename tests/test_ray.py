@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from uwe_cli.cli import app
 from uwe_cli.select import run_select
+from uwe_cli.selection.request import RayOptions
 
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +148,6 @@ def test_detection_pool_batches_are_byte_identical(
 
 
 def test_a_worker_killed_midway_gives_the_same_batch(unit_pool: Path) -> None:
-    from uwe_cli.cluster.select import run_select_ray
-
     local = run_select([unit_pool], 30)
     actors: list = []
     killed = []
@@ -158,7 +157,8 @@ def test_a_worker_killed_midway_gives_the_same_batch(unit_pool: Path) -> None:
             ray.kill(actors[1], no_restart=False)  # the process dies; Ray restarts it
             killed.append(done)
 
-    result = run_select_ray([unit_pool], 30, workers=3, progress=kill_at_pick_ten, on_actors=actors.extend)
+    ray_opts = RayOptions(workers=3, on_actors=actors.extend)
+    result = run_select([unit_pool], 30, progress=kill_at_pick_ten, ray=ray_opts)
     assert killed and result.batch == local.batch
 
 

@@ -38,7 +38,8 @@ from uwe_cli.outputs import Output, atomic_path, open_output, resolve_output
 from uwe_cli.pool import PoolSource, UnitPool, open_pool
 from uwe_cli.pool.files import read_column
 from uwe_cli.probe import Probe, fit_probe
-from uwe_cli.select import check_memory, resolve_device, select_loaded, split_rows
+from uwe_cli.select import select_loaded
+from uwe_cli.selection.request import check_memory, resolve_device, split_rows
 from uwe_cli.selection.strategies import STRATEGIES, get_strategy
 from uwe_cli.selection.tracker import Progress
 

@@ -22,9 +22,8 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,13 +33,21 @@ import pyarrow.compute as pc
 from uwe_cli.batch import Batch
 from uwe_cli.cluster.connect import ClusterError, check_resources, ray_session
 from uwe_cli.embedding import minmax_bounds, normalize_uncertainty, underflow_message
-from uwe_cli.errors import ResourceError, SelectionError, UweError
-from uwe_cli.ids import read_id_file
+from uwe_cli.errors import ResourceError, UweError
 from uwe_cli.pool import PoolSource, open_pool
 from uwe_cli.pool.files import check_unique_ids
 from uwe_cli.schema import PASSTHROUGH_COLUMNS, check_ids
-from uwe_cli.select import SelectResult, check_request, human_bytes, resolve_split, unit_engine
-from uwe_cli.selection.strategies import Strategy, badge_weights, get_strategy
+from uwe_cli.selection.request import (
+    PoolSplit,
+    RayOptions,
+    SelectRequest,
+    SelectResult,
+    human_bytes,
+    resolve_split,
+    split_summary,
+    unit_engine,
+)
+from uwe_cli.selection.strategies import badge_weights
 from uwe_cli.selection.tracker import Progress
 
 RESTART_TIMEOUT = 120.0
@@ -359,39 +366,14 @@ def _owner(units: np.ndarray, shard_units: list[np.ndarray]) -> np.ndarray:
     return np.searchsorted(starts, units, side="right") - 1
 
 
-def run_select_ray(
-    pools: Sequence[str | Path],
-    budget: int,
-    strategy: str = "uwe",
-    uncertainty: str | None = None,
-    tau: float = 1.0,
-    normalize: str = "minmax",
-    labeled: str | Path | None = None,
-    exclude: str | Path | None = None,
-    aggregate: str = "max",
-    seed: int = 0,
-    workers: int = 2,
-    address: str | None = None,
-    max_memory: int | None = None,
-    prune: bool = True,
-    progress: Progress | None = None,
-    on_actors: Callable[[list[Any]], None] | None = None,
+def select_on_ray(
+    source: PoolSource, req: SelectRequest, ray_opts: RayOptions, max_memory: int | None
 ) -> SelectResult:
-    """`run_select` on a Ray cluster: the same batch, with the pool spread over `workers` actors.
-
-    `on_actors` receives the actor handles once they run (tests use it to kill one midway).
-    """
-    started = time.perf_counter()
-    strat = check_request(strategy, budget, seed, tau, normalize, aggregate)
-    if workers < 1:
-        raise SelectionError(f"--workers must be at least 1, got {workers}")
-    source = open_pool(pools)
-    get_strategy(strategy, source.kind)
-    labeled_ids = read_id_file(labeled, "--labeled") if labeled else []
-    exclude_ids = read_id_file(exclude, "--exclude") if exclude else []
+    """`run_select(..., ray=RayOptions(...))`: the same batch, with the pool spread over the actors."""
+    strat, budget = req.strat, req.budget
     index = _read_index(source)
-    split = resolve_split(index.ids, labeled_ids, exclude_ids, budget)
-    shards = _partition(index, workers)
+    split = resolve_split(index.ids, req.labeled_ids, req.exclude_ids, budget)
+    shards = _partition(index, ray_opts.workers)
     shard_units = [units for _, units in shards]
     if max_memory is not None:  # the limit applies to each worker's share
         need = max(source.estimate_bytes(len(rows)) for rows, _ in shards)
@@ -400,16 +382,14 @@ def run_select_ray(
                 f"a worker's share of the pool needs about {human_bytes(need)} but --max-memory allows "
                 f"{human_bytes(max_memory)}; use more --workers"
             )
-    need_uncertainty = (
-        source.kind == "detection" or strat.needs_uncertainty or uncertainty not in (None, "", "auto")
-    )
+    need_uncertainty = source.kind == "detection" or req.need_uncertainty
     spare = split.labeled.size + budget
     paths = [str(p) for p in source.files]
     specs = [
-        ShardSpec(paths, rows, units, uncertainty, need_uncertainty, strat.needs_probs, spare)
+        ShardSpec(paths, rows, units, req.uncertainty, need_uncertainty, strat.needs_probs, spare)
         for rows, units in shards
     ]
-    with ray_session(address) as ray:
+    with ray_session(ray_opts.address) as ray:
         total_cpus = ray.cluster_resources().get("CPU", 0.0)
         cpus = min(1.0, total_cpus / len(specs)) if total_cpus else 0.0
         check_resources(ray, len(specs), cpus)
@@ -421,24 +401,11 @@ def run_select_ray(
         cluster = _Cluster(ray, actors)
         try:
             loaded = cluster.call("load", [()] * len(specs), record=True)
-            if on_actors is not None:
-                on_actors(actors)
+            if ray_opts.on_actors is not None:
+                ray_opts.on_actors(actors)
             loop_started = time.perf_counter()
-            engine = unit_engine(source, strat, len(labeled_ids), budget)
-            result = _select(
-                cluster,
-                strat,
-                split,
-                shard_units,
-                budget,
-                seed,
-                tau,
-                normalize,
-                aggregate,
-                prune,
-                engine,
-                progress,
-            )
+            engine = unit_engine(source, strat, len(req.labeled_ids), budget)
+            result = _select(cluster, req, split, shard_units, engine)
             loop_seconds = time.perf_counter() - loop_started
             stats = cluster.call("stats", [()] * len(specs))
         finally:
@@ -453,61 +420,43 @@ def run_select_ray(
     )
     evaluated, possible = (sum(s[i] for s in stats) for i in (0, 1))
     summary: dict[str, Any] = {
-        "strategy": strategy,
-        "budget": budget,
-        "pool_size": len(index.ids),
-        "candidates": int(split.candidates.size),
-        "labeled": int(split.labeled.size),
-        "labeled_missing": split.missing_labeled,
-        "excluded": int(split.excluded.size),
+        **split_summary(req.strategy, budget, len(index.ids), split, req.tau, req.normalize, req.seed),
         "feature_dim": loaded[0]["dim"],
         "task": source.metadata.get("task", "detection" if source.kind == "detection" else "classification"),
         **(
             {
                 "boxes": sum(i["boxes"] for i in infos),
                 "num_classes": infos[0]["num_classes"],
-                "aggregate": aggregate,
+                "aggregate": req.aggregate,
             }
             if source.kind == "detection"
             else {}
         ),
         "uncertainty": loaded[0]["uncertainty_column"],
-        "tau": tau,
-        "normalize": normalize,
-        "seed": seed,
         "device": "cpu",
         "workers": len(specs),
         "selection_seconds": round(loop_seconds, 3),
         "worker_step_seconds": round(max(s[2] for s in stats), 3),
         "skipped_distance_fraction": (1 - evaluated / possible) if possible and strat.embedding else None,
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(time.perf_counter() - req.started, 3),
     }
     return SelectResult(batch, summary, split.warnings + warnings)
 
 
 def _select(
-    cluster: _Cluster,
-    strat: Strategy,
-    split: Any,
-    shard_units: list[np.ndarray],
-    budget: int,
-    seed: int,
-    tau: float,
-    normalize: str,
-    aggregate: str,
-    prune: bool,
-    engine: str,
-    progress: Progress | None,
+    cluster: _Cluster, req: SelectRequest, split: PoolSplit, shard_units: list[np.ndarray], engine: str
 ) -> tuple[np.ndarray, np.ndarray | None, list[float | None], list[dict[str, Any]], list[str]]:
+    strat, budget, seed, progress = req.strat, req.budget, req.seed, req.progress
     n_shards = len(shard_units)
     in_play = [split.in_play[u] for u in shard_units]
     is_candidate = np.zeros(split.in_play.size, dtype=bool)
     is_candidate[split.candidates] = True
     candidates = [np.flatnonzero(is_candidate[u]) for u in shard_units]
-    found = cluster.call("bounds", [(m, normalize) for m in in_play])
+    found = cluster.call("bounds", [(m, req.normalize) for m in in_play])
     valid = [b for b in found if b is not None]
     bounds = (min(b[0] for b in valid), max(b[1] for b in valid)) if valid else None
-    opts = {"tau": tau, "normalize": normalize, "aggregate": aggregate, "prune": prune, "engine": engine}
+    opts = {"tau": req.tau, "normalize": req.normalize, "aggregate": req.aggregate, "prune": req.prune}
+    opts["engine"] = engine
     infos = cluster.call(
         "prepare",
         [(in_play[k], candidates[k], bounds, strat.embedding, opts) for k in range(n_shards)],
@@ -517,7 +466,7 @@ def _select(
     if strat.embedding == "uwe":
         what = "boxes" if "boxes" in infos[0] else "units"
         message = underflow_message(
-            sum(i["lost"] for i in infos), sum(i["in_play"] for i in infos), tau, what
+            sum(i["lost"] for i in infos), sum(i["in_play"] for i in infos), req.tau, what
         )
         warnings += [message] if message else []
     distances = None

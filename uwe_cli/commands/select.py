@@ -11,7 +11,6 @@ from uwe_cli.commands._common import (
     RayAddress,
     StorageOption,
     emit_json,
-    fail,
     output_target,
     progress_callback,
     show_progress,
@@ -56,33 +55,19 @@ def select(
 ) -> None:
     """Choose the next batch to label from a pool of per-sample uncertainty and features."""
     from uwe_cli.batch import write_batch
-    from uwe_cli.select import parse_memory, run_select
+    from uwe_cli.select import run_select
+    from uwe_cli.selection.request import RayOptions, parse_memory
 
     inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
     with output_target(out, inputs, json_summary, storage_option) as target:
         limit = parse_memory(max_memory) if max_memory else None
-        common = {
-            "strategy": strategy,
-            "uncertainty": uncertainty,
-            "tau": tau,
-            "normalize": normalize,
-            "labeled": labeled,
-            "exclude": exclude,
-            "aggregate": aggregate,
-            "seed": seed,
-            "max_memory": limit,
-        }
         with progress_callback("selecting", show_progress(quiet)) as progress:
-            if ray:
-                from uwe_cli.cluster.select import run_select_ray
-
-                if device == "cuda":
-                    raise fail("--ray runs the CPU engine on every worker; drop --device cuda")
-                result = run_select_ray(
-                    pools, budget, **common, workers=workers, address=ray_address, progress=progress
-                )
-            else:
-                result = run_select(pools, budget, **common, device=device, progress=progress)
+            result = run_select(
+                pools, budget, strategy=strategy, uncertainty=uncertainty, tau=tau, normalize=normalize,
+                labeled=labeled, exclude=exclude, aggregate=aggregate, seed=seed, device=device,
+                max_memory=limit, progress=progress,
+                ray=RayOptions(workers=workers, address=ray_address) if ray else None,
+            )  # fmt: skip
         for message in result.warnings:
             warn(message)
         write_batch(result.batch, target)

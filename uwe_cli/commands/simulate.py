@@ -66,7 +66,7 @@ def simulate(
     storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Which strategy and tau work on your data: replay active learning on labeled features with a probe."""
-    from uwe_cli.select import parse_memory
+    from uwe_cli.selection.request import parse_memory
     from uwe_cli.simulate import (
         output_files,
         parse_float_list,

@@ -204,7 +204,7 @@ def build_report(
     progress: Progress | None = None,
 ) -> ReportData:
     """Read, check and compute everything the page needs. Raises UweError for every bad input."""
-    from uwe_cli.select import check_memory
+    from uwe_cli.selection.request import check_memory
 
     started = time.perf_counter()
     settings = resolve_settings(opts)
