@@ -22,7 +22,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,23 +54,20 @@ FILES = {"json": "results.json", "csv": "results.csv", "plot": "curves.png"}
 # Options
 
 
+def _parse_list(text: str, option: str, kind: Callable[[str], Any], what: str) -> list[Any]:
+    try:
+        return [kind(t.strip()) for t in str(text).split(",")]
+    except ValueError:
+        raise SelectionError(f"{option}: cannot read '{text}' (give {what} separated by commas)") from None
+
+
 def parse_int_list(text: str, option: str) -> list[int]:
     """'100,200,400' → [100, 200, 400]; one-line SelectionError naming the option otherwise."""
-    items = [t.strip() for t in str(text).split(",")]
-    try:
-        values = [int(t) for t in items]
-    except ValueError:
-        raise SelectionError(f"{option}: cannot read '{text}' (give integers separated by commas)") from None
-    return values
+    return _parse_list(text, option, int, "integers")
 
 
 def parse_float_list(text: str, option: str) -> list[float]:
-    items = [t.strip() for t in str(text).split(",")]
-    try:
-        values = [float(t) for t in items]
-    except ValueError:
-        raise SelectionError(f"{option}: cannot read '{text}' (give numbers separated by commas)") from None
-    return values
+    return _parse_list(text, option, float, "numbers")
 
 
 def check_budgets(budgets: Sequence[int]) -> list[int]:
@@ -275,11 +272,7 @@ def uncertainty_of(probs: np.ndarray, measure: str) -> np.ndarray:
 
     from uwe_cli import uncertainty
 
-    func = {
-        "entropy": uncertainty.entropy,
-        "bvsb": uncertainty.bvsb,
-        "least_confidence": uncertainty.least_confidence,
-    }[measure]
+    func = getattr(uncertainty, measure)  # checked against UNCERTAINTIES
     return func(torch.from_numpy(probs), dim=1).numpy().astype(np.float64)
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -165,6 +165,14 @@ def remote_errors(url: str) -> Iterator[None]:
         raise StorageError(describe_error(url, exc)) from None
 
 
+def _remote(location: Location, call: Callable[[Any, str], Any]) -> Any:
+    """`call(filesystem, path)` for a URL, any failure a one-line StorageError naming the URL."""
+    url = os.fspath(location)
+    fs, path = filesystem(url)
+    with remote_errors(url):
+        return call(fs, path)
+
+
 def join(base: Location, *parts: str) -> str | Path:
     if is_url(base):
         return "/".join([os.fspath(base).rstrip("/"), *(p.strip("/") for p in parts)])
@@ -185,19 +193,13 @@ def name(location: Location) -> str:
 def exists(location: Location) -> bool:
     if not is_url(location):
         return local_path(location).exists()
-    url = os.fspath(location)
-    fs, path = filesystem(url)
-    with remote_errors(url):
-        return bool(fs.exists(path))
+    return bool(_remote(location, lambda fs, path: fs.exists(path)))
 
 
 def isdir(location: Location) -> bool:
     if not is_url(location):
         return local_path(location).is_dir()
-    url = os.fspath(location)
-    fs, path = filesystem(url)
-    with remote_errors(url):
-        return bool(fs.isdir(path))
+    return bool(_remote(location, lambda fs, path: fs.isdir(path)))
 
 
 def stamp(info: dict[str, Any]) -> tuple[int, int | str] | None:
@@ -232,10 +234,7 @@ def open_input(location: Location, mode: str = "rb") -> IO[Any]:
     """A readable file object (local or remote)."""
     if not is_url(location):
         return open(local_path(location), mode)
-    url = os.fspath(location)
-    fs, path = filesystem(url)
-    with remote_errors(url):
-        return fs.open(path, mode)
+    return _remote(location, lambda fs, path: fs.open(path, mode))
 
 
 def read_text_file(location: Location, what: str, error: type[Exception]) -> str:
@@ -265,10 +264,7 @@ def csv_rows(text: str, what: str, error: type[Exception]) -> list[list[str]]:
 def read_bytes(location: Location) -> bytes:
     if not is_url(location):
         return local_path(location).read_bytes()
-    url = os.fspath(location)
-    fs, path = filesystem(url)
-    with remote_errors(url):
-        return fs.cat_file(path)
+    return _remote(location, lambda fs, path: fs.cat_file(path))
 
 
 def read_text(location: Location, encoding: str = "utf-8") -> str:
@@ -276,7 +272,7 @@ def read_text(location: Location, encoding: str = "utf-8") -> str:
 
 
 @contextlib.contextmanager
-def local_copy(location: Location, suffix: str = "") -> Iterator[Path]:
+def local_copy(location: Location) -> Iterator[Path]:
     """A local file holding the location's bytes (the location itself when it is local)."""
     if not is_url(location):
         yield local_path(location)
@@ -322,11 +318,7 @@ def glob(pattern: Location) -> list[str | Path]:
     if not is_url(pattern):
         folder = local_path(pattern)
         return sorted(folder.parent.glob(folder.name))
-    url = os.fspath(pattern)
-    fs, path = filesystem(url)
-    with remote_errors(url):
-        matches = fs.glob(path)
-    return sorted(fs.unstrip_protocol(m) for m in matches)
+    return _remote(pattern, lambda fs, path: sorted(fs.unstrip_protocol(m) for m in fs.glob(path)))
 
 
 def remove_tree(location: Location) -> None:
@@ -336,21 +328,15 @@ def remove_tree(location: Location) -> None:
 
         shutil.rmtree(local_path(location), ignore_errors=True)
         return
-    url = os.fspath(location)
-    fs, path = filesystem(url)
-    with contextlib.suppress(FileNotFoundError), remote_errors(url):
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+    _remote(location, lambda fs, path: fs.exists(path) and fs.rm(path, recursive=True))
 
 
 def remove(location: Location) -> None:
+    """Delete a file or object; missing is fine."""
     if not is_url(location):
         local_path(location).unlink(missing_ok=True)
         return
-    url = os.fspath(location)
-    fs, path = filesystem(url)
-    with contextlib.suppress(FileNotFoundError), remote_errors(url):
-        fs.rm(path)
+    _remote(location, lambda fs, path: fs.exists(path) and fs.rm(path))
 
 
 def save_png(location: Location, image: Any) -> None:

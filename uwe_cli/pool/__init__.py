@@ -89,18 +89,12 @@ class PoolSource:
                 [0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             )
             groups = np.unique(np.searchsorted(group_starts, wanted, side="right") - 1)
-            offset = 0
             for g in groups:
                 table = read_row_group(pf, f, int(g), columns)
                 keep = wanted[(wanted >= group_starts[g]) & (wanted < group_starts[g + 1])] - group_starts[g]
                 picked = table.take(pa.array(keep))
                 for batch in picked.to_batches(max_chunksize=rows):
                     yield f, batch
-                offset += len(keep)
-
-    @property
-    def names(self) -> list[str]:
-        return self.parquet[0].schema_arrow.names
 
     def feature_dim(self) -> int:
         """d, from the Arrow type or (variable-length lists) from the first stored vector."""

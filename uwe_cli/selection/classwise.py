@@ -157,7 +157,6 @@ def build_classwise(
     normalize: str = "minmax",
     aggregate: str = "max",
     bounds: tuple[float, float] | None = None,
-    spare_images: int = 0,
 ) -> ClasswiseEmbedding:
     """Image embeddings u^tau·f aggregated per class, for the images in play (labeled + candidates).
 

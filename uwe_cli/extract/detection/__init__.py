@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from uwe_cli import __version__, storage
 from uwe_cli.data import ImageItem
-from uwe_cli.errors import DataError, ModelError, UweError
+from uwe_cli.errors import DataError, ModelError
 from uwe_cli.extract.detection import dense_sigmoid, rcnn, ssd, user  # noqa: F401 - register the families
 from uwe_cli.extract.detection.base import (
     FAMILIES,
@@ -49,18 +49,12 @@ __all__ = [
     "ImageDetections",
     "box_uncertainty",
     "detect",
-    "detector_family",
     "detector_info",
     "extract_detection",
 ]
 
 DEFAULT_SCORE_THRESHOLD = 0.05
 DEFAULT_MAX_DETECTIONS = 100
-
-
-def detector_family(model: Any) -> str:
-    """Which post-processing to mirror: by torchvision class, else the user-detector contract."""
-    return family_of(model).name
 
 
 def detector_info(model: Any) -> DetectorInfo:
@@ -244,8 +238,6 @@ class DetectionTask(ExtractionTask):
                 self.cfg.max_detections,
                 self.family.name,
             )
-        except UweError:
-            raise
         except (RuntimeError, TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
             raise ModelError(
                 f"detector {self.loaded.name} failed on a batch starting with {items[0].id}: "
