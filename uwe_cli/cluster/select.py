@@ -28,15 +28,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from uwe_cli.batch import Batch
 from uwe_cli.cluster.connect import ClusterError, check_resources, ray_session
 from uwe_cli.embedding import minmax_bounds, normalize_uncertainty, underflow_message
 from uwe_cli.errors import ResourceError, UweError
 from uwe_cli.pool import PoolSource, open_pool
-from uwe_cli.pool.files import check_unique_ids
-from uwe_cli.schema import PASSTHROUGH_COLUMNS, check_ids
+from uwe_cli.pool.detection import encode_images
+from uwe_cli.pool.files import checked_ids
+from uwe_cli.pool.unit import read_ids
+from uwe_cli.schema import PASSTHROUGH_COLUMNS
 from uwe_cli.selection.request import (
     PoolSplit,
     RayOptions,
@@ -267,38 +268,23 @@ class _Index:
 
 def _read_index(source: PoolSource) -> _Index:
     if source.kind == "detection":
+        has_source = all("source" in pf.schema_arrow.names for pf in source.parquet)
         chunks: list[pa.Array] = []
         sources: list[pa.Array] = []
-        has_source = all("source" in pf.schema_arrow.names for pf in source.parquet)
         for f, batch in source.batches(["id", *(["source"] if has_source else [])], 1 << 16):
-            ids = batch.column("id")
-            if ids.null_count:
-                raise UweError(f"{f}: null id in column 'id'")
-            ids = ids.cast(pa.string())
-            check_ids(ids, str(f))
-            chunks.append(ids)
+            chunks.append(checked_ids(f, batch.column("id")))
             if has_source:
                 sources.append(batch.column("source").cast(pa.string()))
-        encoded = pc.dictionary_encode(pa.concat_arrays(chunks))
-        row_unit = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        extra = {}
-        if has_source:
-            _, first_row = np.unique(row_unit, return_index=True)
-            extra["source"] = pa.concat_arrays(sources).take(pa.array(first_row))
-        return _Index(encoded.dictionary, extra, row_unit)
+        image_ids, row_unit, first_sources = encode_images(chunks, sources)
+        return _Index(image_ids, {"source": first_sources} if has_source else {}, row_unit)
+    ids = read_ids(source)
     names = [c for c in PASSTHROUGH_COLUMNS if all(c in pf.schema_arrow.names for pf in source.parquet)]
-    columns: dict[str, list[pa.Array]] = {c: [] for c in ["id", *names]}
-    for f, batch in source.batches(list(columns), 1 << 16):
-        ids = batch.column("id")
-        if ids.null_count:
-            raise UweError(f"{f}: null id in column 'id'")
-        check_ids(ids.cast(pa.string()), str(f))
-        for c in columns:
-            columns[c].append(batch.column(c) if c != "id" else ids.cast(pa.string()))
-    arrays = {c: pa.concat_arrays(chunks) for c, chunks in columns.items()}
-    ids = arrays.pop("id")
-    check_unique_ids(ids, "pool")
-    return _Index(ids, arrays, np.arange(len(ids), dtype=np.int64))
+    columns: dict[str, list[pa.Array]] = {c: [] for c in names}
+    for _, batch in source.batches(names, 1 << 16) if names else ():
+        for c in names:
+            columns[c].append(batch.column(c))
+    extra = {c: pa.concat_arrays(chunks) for c, chunks in columns.items()}
+    return _Index(ids, extra, np.arange(len(ids), dtype=np.int64))
 
 
 def _partition(index: _Index, workers: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -20,10 +20,10 @@ from uwe_cli.pool.files import (
     batch_rows,
     check_numeric_column,
     check_uncertainty_values,
+    checked_ids,
     list_to_matrix,
     resolve_uncertainty_column,
 )
-from uwe_cli.schema import check_ids
 
 if TYPE_CHECKING:
     from uwe_cli.pool import PoolSource
@@ -82,6 +82,19 @@ def _first_index(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def encode_images(
+    id_chunks: list[pa.Array], source_chunks: list[pa.Array]
+) -> tuple[pa.Array, np.ndarray, pa.Array | None]:
+    """(image IDs in order of first appearance, each row's image, each image's first source or None)."""
+    encoded = pc.dictionary_encode(pa.concat_arrays(id_chunks))
+    row_image = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    sources = None
+    if source_chunks:
+        _, first_row = np.unique(row_image, return_index=True)
+        sources = pa.concat_arrays(source_chunks).take(pa.array(first_row))
+    return encoded.dictionary, row_image, sources
+
+
 def load_detection_pool(source: PoolSource, uncertainty: str | None = None) -> DetectionPool:
     """Load and validate a detection pool.
 
@@ -126,12 +139,7 @@ def load_detection_pool(source: PoolSource, uncertainty: str | None = None) -> D
     rows_per_batch = batch_rows(dim, 64 << 20)
     for f, batch in source.batches(columns, rows_per_batch):
         n = batch.num_rows
-        ids = batch.column("id")
-        if ids.null_count:
-            first_null = row + _first_index(np.asarray(ids.is_null()))
-            raise PoolError(f"{f}: null id in column 'id' (row {first_null})")
-        ids = ids.cast(pa.string())
-        check_ids(ids, str(f))
+        ids = checked_ids(f, batch.column("id"), row)
         id_chunks.append(ids)
         if "source" in optional:
             source_chunks.append(batch.column("source").cast(pa.string()))
@@ -215,15 +223,7 @@ def load_detection_pool(source: PoolSource, uncertainty: str | None = None) -> D
         features = np.empty((0, dim or 0), dtype=np.float32)
     pa.default_memory_pool().release_unused()
 
-    all_ids = pa.concat_arrays(id_chunks) if len(id_chunks) > 1 else id_chunks[0]
-    encoded = pc.dictionary_encode(all_ids)  # indices follow first appearance
-    row_image = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    image_ids = encoded.dictionary
-    sources = None
-    if source_chunks:
-        all_sources = pa.concat_arrays(source_chunks) if len(source_chunks) > 1 else source_chunks[0]
-        _, first_row = np.unique(row_image, return_index=True)
-        sources = all_sources.take(pa.array(first_row))
+    image_ids, row_image, sources = encode_images(id_chunks, source_chunks)
 
     return DetectionPool(
         image_ids=image_ids,

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from uwe_cli import storage
 from uwe_cli.errors import PoolError, StorageError
-from uwe_cli.schema import UNCERTAINTY_MEASURES
+from uwe_cli.schema import UNCERTAINTY_MEASURES, check_ids
 
 # Record batches of about 8 MB of features: larger ones leave the Arrow allocator holding hundreds of MB
 # of freed batches while a big pool is read (measured: 1M × 512 peaks 370 MB higher with 32 MB batches),
@@ -196,6 +196,17 @@ def check_uncertainty_values(values: np.ndarray, column: str, where_row) -> None
     if (values < 0).any():
         i = int(np.flatnonzero(values < 0)[0])
         raise PoolError(f"{where_row(i)}: negative '{column}' ({values[i]})")
+
+
+def checked_ids(path: Path | str, ids: pa.Array, first_row: int | None = None) -> pa.Array:
+    """A batch's `id` column as strings; a PoolError naming the file (and the row, when the batch's
+    first row is known) of a null or invalid ID."""
+    if ids.null_count:
+        at = "" if first_row is None else f" (row {first_row + int(np.flatnonzero(ids.is_null())[0])})"
+        raise PoolError(f"{path}: null id in column 'id'{at}")
+    ids = ids.cast(pa.string())
+    check_ids(ids, str(path))
+    return ids
 
 
 def check_unique_ids(ids: pa.Array, what: str) -> None:

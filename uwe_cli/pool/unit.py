@@ -22,12 +22,13 @@ from uwe_cli.pool.files import (
     check_numeric_column,
     check_uncertainty_values,
     check_unique_ids,
+    checked_ids,
     iter_batches,
     list_to_matrix,
     open_parquet,
     resolve_uncertainty_column,
 )
-from uwe_cli.schema import PASSTHROUGH_COLUMNS, check_ids
+from uwe_cli.schema import PASSTHROUGH_COLUMNS
 
 if TYPE_CHECKING:
     from uwe_cli.pool import PoolSource
@@ -97,14 +98,7 @@ def _first_width(source: PoolSource, column: str) -> int | None:
 
 def read_ids(source: PoolSource) -> pa.Array:
     """The pool's IDs as one string array, checked: no nulls, valid text, no duplicates."""
-    chunks = []
-    for f, batch in source.batches(["id"], 1 << 18):
-        ids = batch.column(0)
-        if ids.null_count:
-            raise PoolError(f"{f}: null id in column 'id'")
-        ids = ids.cast(pa.string())
-        check_ids(ids, str(f))
-        chunks.append(ids)
+    chunks = [checked_ids(f, batch.column(0)) for f, batch in source.batches(["id"], 1 << 18)]
     ids_all = pa.concat_arrays(chunks) if chunks else pa.array([], type=pa.string())
     del chunks
     # Arrow's allocator keeps freed memory until asked (mimalloc, pyarrow's default): about 140 bytes
