@@ -6,23 +6,12 @@ from pathlib import Path
 
 import typer
 
-from uwe_cli.commands._common import (
-    BatchFile,
-    BatchPool,
-    JsonSummary,
-    Quiet,
-    StorageOption,
-    emit_json,
-    output_target,
-    progress_callback,
-    show_progress,
-    stderr,
-)
+from uwe_cli.commands import _common as ui
 
 
 def export(
-    batch: BatchFile,
-    pool: BatchPool,
+    batch: ui.BatchFile,
+    pool: ui.BatchPool,
     to: str = typer.Option(..., "--to", help="labelstudio | coco | csv."),
     out: str = typer.Option(..., "--out", "-o", help="File to write, or '-' for stdout."),
     predictions: str = typer.Option(
@@ -50,16 +39,16 @@ def export(
     ),
     to_name: str = typer.Option("image", help="Label Studio image tag name (its value must be $image)."),
     model_version: str = typer.Option("uwe", help="Label Studio prediction model_version."),
-    json_summary: JsonSummary = False,
-    quiet: Quiet = False,
-    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
+    json_summary: ui.JsonSummary = False,
+    quiet: ui.Quiet = False,
+    storage_option: ui.StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Write the batch as Label Studio tasks, COCO or CSV, with the model's predictions as pre-annotations."""
     from uwe_cli.export import ExportOptions, ImageRefs, parse_path_map, run_export
     from uwe_cli.picks import parse_class_names
 
     inputs = [batch, *pool, *([images] if images is not None else [])]
-    with output_target(out, inputs, json_summary, storage_option) as target:
+    with ui.output_target(out, inputs, json_summary, storage_option) as target:
         opts = ExportOptions(
             to=to,
             predictions=predictions,
@@ -71,14 +60,14 @@ def export(
             images=images,
         )
         names = parse_class_names(class_names)
-        with progress_callback("reading image sizes", show_progress(quiet)) as progress:
+        with ui.progress_callback("reading image sizes", ui.show_progress(quiet)) as progress:
             result = run_export(batch, pool, target, opts, names, progress)
     s = result.summary
     if json_summary:
-        emit_json(s)
+        ui.emit_json(s)
     if not quiet:
         done = s.get("predicted_tasks", s.get("annotations"))
-        stderr.print(
+        ui.stderr.print(
             f"uwe export: {s['picks']} picks ({s['images']} images) → {s['to']} {s['out']}; "
             f"predictions: {s['predictions']} ({done} with predictions, {s['results']} results) · {s['seconds']:.2f} s"
         )

@@ -14,20 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from uwe_cli.commands._common import (
-    JsonSummary,
-    Quiet,
-    RayAddress,
-    StorageOption,
-    apply_storage_options,
-    cli_errors,
-    emit_json,
-    progress_callback,
-    refuse_two_stdout_outputs,
-    show_progress,
-    stderr,
-    warn,
-)
+from uwe_cli.commands import _common as ui
 from uwe_cli.errors import DataError
 
 Data = Annotated[
@@ -129,7 +116,7 @@ SHARED: dict[str, tuple[Any, Any]] = {
         Annotated[int, typer.Option("--io-concurrency", help="Remote images fetched at once (URL --data).")],
         16,
     ),
-    "storage_option": (StorageOption, []),
+    "storage_option": (ui.StorageOption, []),
     "ray": (
         Annotated[bool, typer.Option("--ray", help="Run the model in Ray actors (see --workers).")],
         False,
@@ -139,9 +126,9 @@ SHARED: dict[str, tuple[Any, Any]] = {
         Annotated[float, typer.Option("--gpus-per-worker", help="With --ray: GPUs per model actor.")],
         0.0,
     ),
-    "ray_address": (RayAddress, None),
-    "json_summary": (JsonSummary, False),
-    "quiet": (Quiet, False),
+    "ray_address": (ui.RayAddress, None),
+    "json_summary": (ui.JsonSummary, False),
+    "quiet": (ui.Quiet, False),
 }
 
 
@@ -161,8 +148,8 @@ def run_extract(config: type, options: dict[str, Any], **task_options: Any) -> N
 
     quiet, json_summary = options.pop("quiet"), options.pop("json_summary")
     storage_options = options.pop("storage_option")
-    with cli_errors():
-        apply_storage_options(storage_options)
+    with ui.cli_errors():
+        ui.apply_storage_options(storage_options)
         names, files = parse_class_names(options.pop("class_names"))
         shard = parse_shard(options.pop("shard"))
         cfg = config(**options, **task_options, class_names=names, shard=shard, extra_inputs=files)
@@ -173,27 +160,27 @@ def _run(cfg: Any, quiet: bool, json_summary: bool) -> None:
     """Run a task config through its extractor and report (progress, warnings, summary or JSON)."""
     from uwe_cli.extract.runner import run_extraction
 
-    refuse_two_stdout_outputs(cfg.out, json_summary)
-    with cli_errors():
+    ui.refuse_two_stdout_outputs(cfg.out, json_summary)
+    with ui.cli_errors():
         if getattr(cfg, "amp", False) and cfg.device == "cpu":
-            warn("--amp only applies on CUDA; running in float32 on the CPU")
+            ui.warn("--amp only applies on CUDA; running in float32 on the CPU")
         task = cfg.make_task()
-        with progress_callback(
-            f"extracting ({task.name})", show_progress(quiet or json_summary), "images"
+        with ui.progress_callback(
+            f"extracting ({task.name})", ui.show_progress(quiet or json_summary), "images"
         ) as update:
             result = run_extraction(task, update)
         for item, message in result.skipped if result.skip_report is None else []:
-            warn(f"left out {item.id}: {message}")
+            ui.warn(f"left out {item.id}: {message}")
         if result.skip_report is not None:
-            warn(f"{len(result.skipped)} unreadable image(s) left out; listed in {result.skip_report}")
+            ui.warn(f"{len(result.skipped)} unreadable image(s) left out; listed in {result.skip_report}")
         if json_summary:
-            emit_json(result.summary())
+            ui.emit_json(result.summary())
         elif not quiet:
             s = result.summary()
             resumed = f", {s['resumed']} resumed" if s["resumed"] else ""
             redone = f", {s['redone']} redone (changed since)" if s["redone"] else ""
             extra = ", ".join(f"{k} {v}" for k, v in result.details.items() if v not in (None, "", 0))
-            stderr.print(
+            ui.stderr.print(
                 f"wrote {s['rows']:,} rows to {s['out']} ({task.name}, d={s['feature_dim']}, K={s['num_classes']}; "
                 f"{s['processed']:,} images at {s['images_per_second']:.1f} images/s on {s['device']}"
                 f"{resumed}{redone}{'; ' + extra if extra else ''})",
@@ -234,7 +221,7 @@ def classification(
     """Run a classifier over images and write a Parquet pool (feature, uncertainty, probs, pred)."""
     from uwe_cli.extract.classification import ClassificationConfig
 
-    with cli_errors():
+    with ui.cli_errors():
         mean_rgb, std_rgb = parse_floats(mean, "--mean"), parse_floats(std, "--std")
     run_extract(
         ClassificationConfig, options, model=model, checkpoints=list(checkpoint), feature_layer=feature_layer,
@@ -280,7 +267,7 @@ def segmentation(
     """Run a segmentation model over images; write a Parquet pool of mean pixel uncertainty and features."""
     from uwe_cli.extract.segmentation import SegmentationConfig
 
-    with cli_errors():
+    with ui.cli_errors():
         mean_rgb, std_rgb = parse_floats(mean, "--mean"), parse_floats(std, "--std")
     run_extract(
         SegmentationConfig, options, model=model, checkpoint=checkpoint, feature_layer=feature_layer,

@@ -6,13 +6,13 @@ import json
 
 import typer
 
-from uwe_cli.commands._common import StorageOption, apply_storage_options, cli_errors, emit_json
+from uwe_cli.commands import _common as ui
 
 
 def inspect(
     pool: str = typer.Argument(..., help="Parquet pool file or directory (URL prefix) of parts."),
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
-    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
+    storage_option: ui.StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Describe a pool: rows, feature dimension, task, uncertainty columns (min/mean/max), metadata."""
     from rich.console import Console
@@ -20,11 +20,11 @@ def inspect(
 
     from uwe_cli.describe import describe_pool
 
-    with cli_errors():
-        apply_storage_options(storage_option)
+    with ui.cli_errors():
+        ui.apply_storage_options(storage_option)
         info = describe_pool(pool)
     if json_out:
-        emit_json(info)
+        ui.emit_json(info)
         return
     console = Console(highlight=False, markup=False)
     console.print(f"{info['path']}  ({info['files']} file{'s' if info['files'] != 1 else ''})")

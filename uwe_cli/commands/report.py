@@ -6,23 +6,12 @@ from pathlib import Path
 
 import typer
 
-from uwe_cli.commands._common import (
-    BatchFile,
-    BatchPool,
-    JsonSummary,
-    Quiet,
-    StorageOption,
-    emit_json,
-    output_target,
-    progress_callback,
-    show_progress,
-    stderr,
-)
+from uwe_cli.commands import _common as ui
 
 
 def report(
-    batch: BatchFile,
-    pool: BatchPool,
+    batch: ui.BatchFile,
+    pool: ui.BatchPool,
     out: str = typer.Option(..., "--out", "-o", help="HTML file to write ('-' for stdout)."),
     labeled: str | None = typer.Option(None, help="Labeled IDs (as given to `uwe select --labeled`)."),
     settings: Path | None = typer.Option(
@@ -49,16 +38,16 @@ def report(
     quality: int = typer.Option(80, min=10, max=95, help="JPEG quality of the thumbnails."),
     title: str | None = typer.Option(None, help="Page title (default: the batch file name)."),
     seed: int = typer.Option(0, help="Seed of the map subsample and projection."),
-    json_summary: JsonSummary = False,
-    quiet: Quiet = False,
-    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
+    json_summary: ui.JsonSummary = False,
+    quiet: ui.Quiet = False,
+    storage_option: ui.StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Write a self-contained HTML report: thumbnails in pick order, map, histograms, settings."""
     from uwe_cli.picks import parse_class_names
     from uwe_cli.report import ReportOptions, run_report
 
     inputs = [batch, *pool, *(p for p in (labeled, settings, heatmaps, images) if p is not None)]
-    with output_target(out, inputs, json_summary, storage_option) as target:
+    with ui.output_target(out, inputs, json_summary, storage_option) as target:
         opts = ReportOptions(
             labeled=labeled,
             heatmaps=heatmaps,
@@ -76,16 +65,16 @@ def report(
             title=title,
             class_names=parse_class_names(class_names),
         )
-        with progress_callback("thumbnails", show_progress(quiet), rate_unit="images") as progress:
+        with ui.progress_callback("thumbnails", ui.show_progress(quiet), rate_unit="images") as progress:
             summary = run_report(batch, pool, target, opts, progress)
     notes = summary.pop("notes")
     if not quiet:
         for note in notes:
-            stderr.print(f"note: {note}", soft_wrap=True, markup=False)
+            ui.stderr.print(f"note: {note}", soft_wrap=True, markup=False)
     if json_summary:
-        emit_json(summary)
+        ui.emit_json(summary)
     if not quiet:
-        stderr.print(
+        ui.stderr.print(
             f"uwe report: {summary['picks']} picks, map of {summary['map_points']:,} of {summary['pool_size']:,} "
             f"units → {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB) · {summary['seconds']:.2f} s"
         )

@@ -4,19 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from uwe_cli.commands._common import (
-    JsonSummary,
-    MaxMemory,
-    Quiet,
-    RayAddress,
-    StorageOption,
-    emit_json,
-    output_target,
-    progress_callback,
-    show_progress,
-    stderr,
-    warn,
-)
+from uwe_cli.commands import _common as ui
 from uwe_cli.selection.strategies import strategy_help
 
 
@@ -43,14 +31,14 @@ def select(
     ),
     seed: int = typer.Option(0, help="Seed for random, kmeanspp and badge."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    max_memory: MaxMemory = None,
-    json_summary: JsonSummary = False,
-    quiet: Quiet = False,
-    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
+    max_memory: ui.MaxMemory = None,
+    json_summary: ui.JsonSummary = False,
+    quiet: ui.Quiet = False,
+    storage_option: ui.StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
     ray: bool = typer.Option(
         False, "--ray", help="Run on a Ray cluster: the pool spread over --workers actors."
     ),
-    ray_address: RayAddress = None,
+    ray_address: ui.RayAddress = None,
     workers: int = typer.Option(2, "--workers", help="With --ray: actors holding a share of the pool each."),
 ) -> None:
     """Choose the next batch to label from a pool of per-sample uncertainty and features."""
@@ -59,9 +47,9 @@ def select(
     from uwe_cli.selection.request import RayOptions, parse_memory
 
     inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
-    with output_target(out, inputs, json_summary, storage_option) as target:
+    with ui.output_target(out, inputs, json_summary, storage_option) as target:
         limit = parse_memory(max_memory) if max_memory else None
-        with progress_callback("selecting", show_progress(quiet)) as progress:
+        with ui.progress_callback("selecting", ui.show_progress(quiet)) as progress:
             result = run_select(
                 pools, budget, strategy=strategy, uncertainty=uncertainty, tau=tau, normalize=normalize,
                 labeled=labeled, exclude=exclude, aggregate=aggregate, seed=seed, device=device,
@@ -69,11 +57,11 @@ def select(
                 ray=RayOptions(workers=workers, address=ray_address) if ray else None,
             )  # fmt: skip
         for message in result.warnings:
-            warn(message)
+            ui.warn(message)
         write_batch(result.batch, target)
         result.summary["out"] = out
         if json_summary:
-            emit_json(result.summary)
+            ui.emit_json(result.summary)
         if not quiet:
             _print_summary(result)
 
@@ -98,7 +86,7 @@ def _print_summary(result) -> None:
         )
     if len(batch) > len(shown):
         table.add_row("…", Text(f"{len(batch) - len(shown)} more in {s['out']}"), "", "")
-    stderr.print(table)
-    stderr.print(
+    ui.stderr.print(table)
+    ui.stderr.print(
         f"pool {s['pool_size']:,} · labeled {s['labeled']:,} · excluded {s['excluded']:,} · {s['seconds']:.2f} s"
     )

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from uwe_cli.commands._common import (
-    JsonSummary,
-    MaxMemory,
-    Quiet,
-    StorageOption,
-    emit_json,
-    output_target,
-    progress_callback,
-    show_progress,
-    stderr,
-    warn,
-)
+from uwe_cli.commands import _common as ui
 
 
 def simulate(
@@ -60,10 +49,10 @@ def simulate(
         True, "--plot/--no-plot", help="Write curves.png (needs matplotlib: pip install uwe-cli\\[plot])."
     ),
     device: str = typer.Option("auto", help="Selection engine device: auto | cpu | cuda."),
-    max_memory: MaxMemory = None,
-    json_summary: JsonSummary = False,
-    quiet: Quiet = False,
-    storage_option: StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
+    max_memory: ui.MaxMemory = None,
+    json_summary: ui.JsonSummary = False,
+    quiet: ui.Quiet = False,
+    storage_option: ui.StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Which strategy and tau work on your data: replay active learning on labeled features with a probe."""
     from uwe_cli.selection.request import parse_memory
@@ -77,7 +66,7 @@ def simulate(
     )
 
     inputs = [*pools, *([labels] if labels is not None else [])]
-    with output_target(
+    with ui.output_target(
         out, inputs, storage_option=storage_option, directory=True, allow_stdout=False
     ) as target:
         files = output_files(target, inputs)
@@ -86,9 +75,11 @@ def simulate(
         strategy_list = [s.strip() for s in strategies.split(",") if s.strip()]
         limit = parse_memory(max_memory) if max_memory else None
         if plot and not plot_available():
-            warn("matplotlib is not installed, so no curves.png (pip install 'uwe-cli[plot]', or --no-plot)")
+            ui.warn(
+                "matplotlib is not installed, so no curves.png (pip install 'uwe-cli[plot]', or --no-plot)"
+            )
             plot = False
-        with progress_callback("simulating", show_progress(quiet)) as progress:
+        with ui.progress_callback("simulating", ui.show_progress(quiet)) as progress:
             result = run_simulation(
                 pools,
                 budget_list,
@@ -106,14 +97,14 @@ def simulate(
                 progress=progress,
             )
         for message in result.warnings:
-            warn(message)
+            ui.warn(message)
         written = write_results(result, files, plot=plot)
         recommendation = result.recommendation()
         if not quiet:
             _print_table(result)
-            stderr.print(f"recommendation: {recommendation['text']}", soft_wrap=True, highlight=False)
+            ui.stderr.print(f"recommendation: {recommendation['text']}", soft_wrap=True, highlight=False)
         if json_summary:
-            emit_json(
+            ui.emit_json(
                 {
                     "out": str(target),
                     "files": written,
@@ -159,10 +150,10 @@ def _print_table(result) -> None:
         cells = [f"{acc[:, i].mean():.3f}±{_std(acc[:, i]):.3f}" for i in range(acc.shape[1])]
         table.add_row(curve.name, *cells, f"{auc:.4f}±{std:.4f}")
     # Not a terminal (a log file, CI): print the table at its natural width instead of folding it to 80.
-    console = stderr if stderr.is_terminal else Console(stderr=True, highlight=False, width=400)
+    console = ui.stderr if ui.stderr.is_terminal else Console(stderr=True, highlight=False, width=400)
     console.print(table)
     t = result.timing
-    stderr.print(
+    ui.stderr.print(
         f"pool {result.pool['units']:,} units · {result.pool['selectable']:,} selectable · "
         f"{len(result.pool['classes'])} classes · {t.get('total', 0):.1f} s"
     )
