@@ -613,3 +613,12 @@ def test_json_summary_is_one_line_on_stdout(images: Path, resnet_ckpt: Path, tmp
         "extract", "classification", "--data", str(images), "--out", "-", "--json", "--model", "resnet18"
     )
     assert r.exit_code == 2 and "both write to stdout" in r.stderr
+
+
+def test_class_names_must_match_the_classes(images: Path, resnet_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pool.parquet"
+    r = invoke(
+        "extract", "classification", "--data", str(images), "--out", str(out), "--model", "resnet18",
+        "--checkpoint", str(resnet_ckpt), "--image-size", "32", "--class-names", "a,b,c",
+    )  # fmt: skip
+    assert_one_line_error(r, "3 class names given but the model has 4 classes", out)

@@ -451,3 +451,12 @@ def test_json_summary_is_one_line_on_stdout(images: Path, tmp_path: Path) -> Non
     lines = result.stdout.splitlines()
     summary = json.loads(lines[0])
     assert len(lines) == 1 and summary["task"] == "segmentation" and summary["rows"] == len(SIZES)
+
+
+def test_class_names_must_match_the_classes(images: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=f"2 class names given but the model has {K} classes"):
+        run(images, tmp_path / "pool.parquet", class_names=["a", "b"])
+    assert not (tmp_path / "pool.parquet").exists()
+    _, rows = run(images, tmp_path / "named.parquet", class_names=[f"c{i}" for i in range(K)])
+    meta = pq.read_schema(tmp_path / "named.parquet").metadata[b"uwe"]
+    assert b'"class_names": ["c0"' in meta and rows

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from uwe_cli import __version__, storage
+from uwe_cli import storage
 from uwe_cli.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -174,9 +174,12 @@ class ClassificationTask(ExtractionTask):
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
             probs, feats, extra = _predict(self.members, images, self.cfg.mc_dropout)
         if self._schema is None:
-            self._meta = _metadata(
-                self.cfg, self.loaded, self.class_names, feats.shape[1], probs.shape[1], self.with_bald
-            )
+            shas = [m.checkpoint_sha256 for m in self.loaded]
+            self._meta = self.pool_metadata(
+                self.loaded[0].name, shas[0] if len(shas) == 1 else shas, probs.shape[1], self.class_names,
+                feats.shape[1], feature_layer=self.cfg.feature_layer or "input of last nn.Linear",
+                ensemble_size=len(self.loaded), mc_dropout=self.cfg.mc_dropout,
+            )  # fmt: skip
             extra_columns = ["bald"] if self.with_bald else []
             self._schema = unit_schema(
                 feats.shape[1], probs.shape[1] if self.cfg.write_probs else None, extra_columns, pred=True
@@ -277,29 +280,3 @@ def _to_batch(
         columns["probs"] = probs.cpu().numpy()
     columns["pred"] = probs.argmax(dim=1).cpu().numpy().astype(np.int32)
     return record_batch(schema, columns)
-
-
-def _metadata(
-    cfg: ClassificationConfig,
-    loaded: list[LoadedModel],
-    class_names: list[str] | None,
-    feature_dim: int,
-    num_classes: int,
-    with_bald: bool,
-) -> dict[str, Any]:
-    if class_names is not None and len(class_names) != num_classes:
-        raise ModelError(f"{len(class_names)} class names given but the model has {num_classes} classes")
-    shas = [m.checkpoint_sha256 for m in loaded]
-    return {
-        "task": "classification",
-        "model": loaded[0].name,
-        "checkpoint_sha256": shas[0] if len(shas) == 1 else shas,
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "feature_dim": feature_dim,
-        "feature_layer": cfg.feature_layer or "input of last nn.Linear",
-        "weights": cfg.weights,
-        "ensemble_size": len(loaded),
-        "mc_dropout": cfg.mc_dropout,
-        "uwe_version": __version__,
-    }

@@ -22,9 +22,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from uwe_cli import storage
+from uwe_cli import __version__, storage
 from uwe_cli.data import ImageItem, LoaderBatch, check_loader_options, list_images, make_loader, shard_items
-from uwe_cli.errors import DataError
+from uwe_cli.errors import DataError, ModelError
 from uwe_cli.extract.writer import DEFAULT_PART_ROWS, ResumablePoolWriter, shard_target, work_dir_for
 from uwe_cli.outputs import Output, check_not_input, open_output, resolve_output
 
@@ -149,6 +149,27 @@ class ExtractionTask(ABC):
     @abstractmethod
     def metadata(self) -> dict[str, Any]:
         """The `uwe` metadata of the pool (task, model, classes, feature size, ...)."""
+
+    def pool_metadata(
+        self, model: str, sha: Any, num_classes: int, class_names: Sequence[str] | None, feature_dim: int,
+        has: str = "", **own: Any,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The metadata every pool records, then the task's `own`; class names must match the classes
+        (`has` words the count in the error, default "the model has K classes")."""
+        if class_names is not None and len(class_names) != num_classes:
+            has = has or f"the model has {num_classes} classes"
+            raise ModelError(f"{len(class_names)} class names given but {has}")
+        return {
+            "task": self.name,
+            "model": model,
+            "checkpoint_sha256": sha,
+            "num_classes": num_classes,
+            "class_names": list(class_names) if class_names is not None else None,
+            "feature_dim": feature_dim,
+            "weights": self.cfg.weights,
+            "uwe_version": __version__,
+            **own,
+        }
 
     def finish(self) -> list[pa.RecordBatch]:
         """Rows still buffered at the end of the run."""

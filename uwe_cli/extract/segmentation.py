@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from uwe_cli import __version__, storage
+from uwe_cli import storage
 from uwe_cli.data import IMAGENET_MEAN, IMAGENET_STD, ImageItem, check_mean_std
 from uwe_cli.errors import DataError, ModelError
 from uwe_cli.extract.runner import ExtractConfig, ExtractionResult, ExtractionTask, ProgressFn, run_extraction
@@ -601,7 +601,7 @@ class SegmentationTask(ExtractionTask):
                 raise ModelError(f"model {self.loaded.name} produced NaN or Inf outputs")
             if self._schema is None:
                 dim = int(features.shape[1])
-                self._meta = _metadata(self.cfg, self.loaded, self.runner, self.grid, self.resize, dim)
+                self._meta = self._metadata(dim)
                 self._schema = unit_schema(dim, regions=self.grid is not None)
             for k, j in enumerate(run):
                 item, hw = items[j], payload[j][1]
@@ -614,6 +614,18 @@ class SegmentationTask(ExtractionTask):
                 out.append(_rows(item, boxes, stats, self._schema, self.grid is not None))
             del logits, features, images
         return out
+
+    def _metadata(self, feature_dim: int) -> dict[str, Any]:
+        loaded, grid, resize = self.loaded, self.grid, self.resize
+        return self.pool_metadata(
+            loaded.name, loaded.checkpoint_sha256, int(self.runner.num_classes or 0),
+            list(self.cfg.class_names) if self.cfg.class_names else loaded.class_names, feature_dim,
+            feature_layer=f"input of {self.runner.layer_name}",
+            unit="region" if grid else "image",
+            region_size=[grid.height, grid.width] if grid else None,
+            region_stride=[grid.stride_y, grid.stride_x] if grid else None,
+            resize=list(resize) if isinstance(resize, tuple) else resize,
+        )  # fmt: skip
 
     def metadata(self) -> dict[str, Any]:
         return self._meta
@@ -636,32 +648,3 @@ def extract_segmentation(cfg: SegmentationConfig, progress: ProgressFn | None = 
     so a folder of mixed sizes works with any batch size, and a `--resize HxW` run batches fully.
     """
     return run_extraction(SegmentationTask(cfg), progress)
-
-
-def _metadata(
-    cfg: SegmentationConfig,
-    loaded: LoadedModel,
-    runner: SegmentationRunner,
-    grid: RegionGrid | None,
-    resize: tuple[int, int] | int | None,
-    feature_dim: int,
-) -> dict[str, Any]:
-    num_classes = int(runner.num_classes or 0)
-    class_names = list(cfg.class_names) if cfg.class_names else loaded.class_names
-    if class_names is not None and len(class_names) != num_classes:
-        raise ModelError(f"{len(class_names)} class names given but the model has {num_classes} classes")
-    return {
-        "task": "segmentation",
-        "model": loaded.name,
-        "checkpoint_sha256": loaded.checkpoint_sha256,
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "feature_dim": feature_dim,
-        "feature_layer": f"input of {runner.layer_name}",
-        "unit": "region" if grid else "image",
-        "region_size": [grid.height, grid.width] if grid else None,
-        "region_stride": [grid.stride_y, grid.stride_x] if grid else None,
-        "resize": list(resize) if isinstance(resize, tuple) else resize,
-        "weights": cfg.weights,
-        "uwe_version": __version__,
-    }

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from uwe_cli import __version__, storage
+from uwe_cli import storage
 from uwe_cli.data import ImageItem
 from uwe_cli.errors import DataError, ModelError
 from uwe_cli.extract.detection import dense_sigmoid, rcnn, ssd, user  # noqa: F401 - register the families
@@ -260,16 +260,16 @@ class DetectionTask(ExtractionTask):
             if k is None or d is None:  # a user detector that found nothing yet: sizes unknown
                 self.pending.append((items, dets))
                 return []
-            self._meta = _metadata(
-                self.cfg,
-                self.loaded.name,
-                self.loaded.checkpoint_sha256,
-                self.family,
-                self.info,
-                k,
-                d,
-                self.class_names,
-            )
+            background = " (background included, as index 0)" if self.info.background_class == 0 else ""
+            self._meta = self.pool_metadata(
+                self.loaded.name, self.loaded.checkpoint_sha256, k, self.class_names, d,
+                has=f"the detector has {k} class outputs{background}",
+                detector_family=self.family.name, background_class=self.info.background_class,
+                score_activation=self.info.score_activation, probs=self.family.probs,
+                feature=self.family.feature,
+                uncertainty="on the foreground class distribution (background dropped, renormalised to sum 1)",
+                score_threshold=self.cfg.score_threshold, max_detections=self.cfg.max_detections,
+            )  # fmt: skip
             self._schema = detection_schema(d, k if self.cfg.write_probs else None)
         pending, self.pending = self.pending, []
         batches = [
@@ -392,38 +392,3 @@ def visualize_detections(
                     (x1 + 2, y1 + 1), f"{name} {float(det.scores[i]):.2f} u={float(u[i]):.2f}", fill=colour
                 )
     storage.save_png(path, pil)
-
-
-def _metadata(
-    cfg: DetectionConfig,
-    name: str,
-    sha: str | None,
-    family: Family,
-    info: DetectorInfo,
-    num_classes: int,
-    feature_dim: int,
-    class_names: Sequence[str] | None,
-) -> dict[str, Any]:
-    if class_names is not None and len(class_names) != num_classes:
-        raise ModelError(
-            f"{len(class_names)} class names given but the detector has {num_classes} class outputs"
-            + (" (background included, as index 0)" if info.background_class == 0 else "")
-        )
-    return {
-        "task": "detection",
-        "model": name,
-        "checkpoint_sha256": sha,
-        "num_classes": num_classes,
-        "class_names": list(class_names) if class_names is not None else None,
-        "feature_dim": feature_dim,
-        "detector_family": family.name,
-        "background_class": info.background_class,
-        "score_activation": info.score_activation,
-        "probs": family.probs,
-        "feature": family.feature,
-        "uncertainty": "on the foreground class distribution (background dropped, renormalised to sum 1)",
-        "score_threshold": cfg.score_threshold,
-        "max_detections": cfg.max_detections,
-        "weights": cfg.weights,
-        "uwe_version": __version__,
-    }
