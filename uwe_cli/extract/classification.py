@@ -226,24 +226,16 @@ def _predict(members: list[Member], images: Any, mc_dropout: int) -> tuple[Any, 
     samples = []
     feats = None
     for j, member in enumerate(members):
-        if mc_dropout:
-            module = member.loaded.module
-            dropouts = [m for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
-            for m in dropouts:
-                m.eval()
-            _, f = member.forward(images)  # deterministic pass for a noise-free feature
-            for m in dropouts:
-                m.train()
-            if j == 0:
-                feats = f
-            for _ in range(mc_dropout):
-                logits, _ = member.forward(images)
-                samples.append(logits.float().softmax(dim=1))
-        else:
-            logits, f = member.forward(images)
-            if j == 0:
-                feats = f
-            samples.append(logits.float().softmax(dim=1))
+        modules = member.loaded.module.modules() if mc_dropout else []
+        dropouts = [m for m in modules if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+        for m in dropouts:
+            m.eval()
+        logits, f = member.forward(images)  # with MC dropout, a deterministic pass for a noise-free feature
+        for m in dropouts:
+            m.train()
+        feats = f if j == 0 else feats
+        passes = [member.forward(images)[0] for _ in range(mc_dropout)] if mc_dropout else [logits]
+        samples += [p.float().softmax(dim=1) for p in passes]
     if feats is None:
         raise ModelError(
             f"model {members[0].loaded.name} has no nn.Linear head to take features from; "

@@ -19,6 +19,7 @@ final classifier. Everything below exists to compute exactly those two means che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -59,14 +60,6 @@ class RegionGrid:
     width: int
     stride_y: int
     stride_x: int
-
-    def describe(self) -> dict[str, int]:
-        return {
-            "height": self.height,
-            "width": self.width,
-            "stride_y": self.stride_y,
-            "stride_x": self.stride_x,
-        }
 
 
 def _parse_pair(text: str, option: str) -> tuple[int, int]:
@@ -578,7 +571,7 @@ class SegmentationTask(ExtractionTask):
             "model": self.loaded.name,
             "checkpoint": self.loaded.checkpoint_sha256,
             "feature_layer": self.cfg.feature_layer,
-            "region": self.grid.describe() if self.grid else None,
+            "region": dataclasses.asdict(self.grid) if self.grid else None,
             "resize": self.resize,
             "mean": list(self.mean),
             "std": list(self.std),
