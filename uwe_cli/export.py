@@ -17,7 +17,6 @@ import math
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -26,7 +25,7 @@ from uwe_cli import __version__
 from uwe_cli.data import image_size
 from uwe_cli.errors import ExportError
 from uwe_cli.outputs import Output, open_output
-from uwe_cli.picks import Pick, PickBox, Picks, image_path, load_picks
+from uwe_cli.picks import Pick, PickBox, Picks, load_picks, map_images
 
 FORMATS = ("labelstudio", "coco", "csv")
 PREDICTION_TYPES = ("auto", "choices", "rectanglelabels", "rectangle", "none")
@@ -167,20 +166,8 @@ def predicted_class(picks: Picks, pick: Pick, min_score: float | None) -> str | 
 def image_sizes(
     picks: Picks, images: Path | None, progress: Progress | None = None, workers: int = 8
 ) -> dict[str, tuple[int, int]]:
-    """(width, height) per image ID, read from the image headers (in parallel: remote disks are slow)."""
-    paths: dict[str, Path] = {}
-    for pick in picks.picks:
-        if pick.image_id not in paths:
-            paths[pick.image_id] = image_path(pick, images)
-    sizes: dict[str, tuple[int, int]] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, (image_id, size) in enumerate(
-            zip(paths, pool.map(image_size, paths.values()), strict=True), start=1
-        ):
-            sizes[image_id] = size
-            if progress is not None:
-                progress(done, len(paths))
-    return sizes
+    """(width, height) per image ID, read from the image headers."""
+    return map_images(picks, images, lambda _, path: image_size(path), progress, workers)
 
 
 def _percent(value: float, full: int) -> float:

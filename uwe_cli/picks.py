@@ -8,10 +8,11 @@ with a pool of millions of rows costs one streamed pass over a few narrow column
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,8 @@ from uwe_cli.pool import PoolSource, open_pool
 from uwe_cli.pool.detection import DEFAULT_DETECTION_UNCERTAINTY
 from uwe_cli.pool.files import iter_batches, resolve_uncertainty_column
 from uwe_cli.schema import REGION_COLUMNS, UNCERTAINTY_MEASURES
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -303,3 +306,27 @@ def image_path(pick: Pick, images: str | Path | None) -> str | Path:
             f"the pool has no 'source' column for '{pick.image_id}'; give the image folder with --images DIR"
         )
     return storage.as_location(pick.source)
+
+
+def map_images(
+    picks: Picks,
+    images: str | Path | None,
+    func: Callable[[str, str | Path], T],
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 8,
+) -> dict[str, T]:
+    """`func(image ID, image path)` once per image of the picks, in parallel threads (remote disks are
+    slow), with progress per image."""
+    paths: dict[str, str | Path] = {}
+    for pick in picks.picks:
+        if pick.image_id not in paths:
+            paths[pick.image_id] = image_path(pick, images)
+    out: dict[str, T] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, (image_id, value) in enumerate(
+            zip(paths, pool.map(func, paths, paths.values()), strict=True), start=1
+        ):
+            out[image_id] = value
+            if progress is not None:
+                progress(done, len(paths))
+    return out

@@ -15,7 +15,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from uwe_cli.embedding import check_selection_options, normalize_uncertainty, uw
 from uwe_cli.errors import ExportError
 from uwe_cli.ids import read_id_file, rows_of
 from uwe_cli.outputs import Output, file_name_for_id, open_output
-from uwe_cli.picks import Pick, Picks, image_path, load_picks
+from uwe_cli.picks import Pick, Picks, load_picks, map_images
 from uwe_cli.pool import DetectionPool, UnitPool
 from uwe_cli.report.projection import (
     MAP_METHODS,
@@ -141,12 +140,9 @@ def make_thumbnails(
 ) -> tuple[list[Thumb], int]:
     """One thumbnail per pick (each image decoded once, in parallel threads), and how many picks had
     no heatmap in --heatmaps. Unreadable images raise a DataError naming the file."""
-    paths: dict[str, Path] = {}
-    for pick in picks.picks:
-        paths.setdefault(pick.image_id, image_path(pick, opts.images))
 
-    def one(image_id: str) -> Thumb:
-        img, full = load_thumbnail(paths[image_id], opts.thumb_size)
+    def one(image_id: str, path: str | Path) -> Thumb:
+        img, full = load_thumbnail(path, opts.thumb_size)
         thumb = Thumb(_encode_jpeg(img, opts.quality), img.width, img.height, full)
         if opts.heatmaps is not None:
             heat_file = opts.heatmaps / file_name_for_id(image_id, ".png")
@@ -157,13 +153,7 @@ def make_thumbnails(
         return thumb
 
     workers = workers or min(8, os.cpu_count() or 1)
-    by_image: dict[str, Thumb] = {}
-    total = len(paths)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, (image_id, thumb) in enumerate(zip(paths, pool.map(one, paths), strict=True), start=1):
-            by_image[image_id] = thumb
-            if progress is not None:
-                progress(done, total)
+    by_image = map_images(picks, opts.images, one, progress, workers)
     thumbs = [by_image[p.image_id] for p in picks.picks]
     missing_heat = sum(1 for t in thumbs if t.heat is None) if opts.heatmaps is not None else 0
     return thumbs, missing_heat
