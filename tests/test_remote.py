@@ -324,3 +324,12 @@ def test_storage_option_reaches_the_filesystem(
             assert out.exists()
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_remove_is_fine_with_a_missing_object(s3_bucket: str, fs: s3fs.S3FileSystem) -> None:
+    url = f"s3://{s3_bucket}/gone/report.csv"
+    fs.pipe(url, b"x")
+    storage.remove(url)
+    assert not fs.exists(url)
+    storage.remove(url)  # missing: nothing to do, no error
+    storage.remove_tree(f"s3://{s3_bucket}/never-written")

@@ -336,7 +336,12 @@ def remove(location: Location) -> None:
     if not is_url(location):
         local_path(location).unlink(missing_ok=True)
         return
-    _remote(location, lambda fs, path: fs.exists(path) and fs.rm(path))
+
+    def rm(fs: Any, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # inside remote_errors, which would wrap it
+            fs.rm(path)
+
+    _remote(location, rm)
 
 
 def save_png(location: Location, image: Any) -> None:

@@ -441,8 +441,10 @@ def _select(
     found = cluster.call("bounds", [(m, req.normalize) for m in in_play])
     valid = [b for b in found if b is not None]
     bounds = (min(b[0] for b in valid), max(b[1] for b in valid)) if valid else None
-    opts = {"tau": req.tau, "normalize": req.normalize, "aggregate": req.aggregate, "prune": req.prune}
-    opts["engine"] = engine
+    opts = {
+        "tau": req.tau, "normalize": req.normalize, "aggregate": req.aggregate, "prune": req.prune,
+        "engine": engine,
+    }  # fmt: skip
     infos = cluster.call(
         "prepare",
         [(in_play[k], candidates[k], bounds, strat.embedding, opts) for k in range(n_shards)],

@@ -610,22 +610,7 @@ def best_bucket(maxD, argslot, count, orig, k, orphan):
 
 @njit(cache=True)
 def compact(
-    start,
-    count,
-    maxD,
-    argslot,
-    D,
-    near,
-    norms,
-    orig,
-    xrow,
-    slot_of,
-    Q,
-    qa,
-    qr,
-    screen,
-    nbuckets,
-    new_id,
+    start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, nbuckets, new_id
 ):
     """Squeeze the dead slots out, keeping every bucket's order. Buckets are taken in the order they sit
     in, so every live slot moves left (never over one not yet moved).
