@@ -152,6 +152,15 @@ def test_the_process_ends_with_everything_delivered(tmp_path, pool):
     assert (
         head.stdout.splitlines()[0] == "rank,id,uncertainty,distance" and len(head.stdout.splitlines()) == 2
     )
+    # A reader that closes the pipe unread: a quiet exit 141 (as under SIGPIPE), not an error line.
+    closed = subprocess.run(
+        f"{shlex.join([*cmd, '--out', '-'])} | true; exit ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+    )
+    assert closed.returncode == 141 and closed.stderr == "", closed.stderr
 
 
 def test_labeled_previous_batch_and_exclude(tmp_path, pool):

@@ -200,17 +200,28 @@ def test_coco_loads_in_pycocotools(kinds, tmp_path):
                 assert ann["bbox"] == [0.0, 0.0, float(img["width"]), float(img["height"])]
             assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == CLASS_NAMES
         else:
-            expected = {}
+            expected = {}  # boxes clipped to the image; none left empty
             for r in rows:
                 if r["label"] is not None:
-                    expected.setdefault(r["id"], []).append(r)
+                    w, h = fx.sizes[r["id"]]
+                    x1, x2 = (min(max(v, 0.0), w) for v in r["box"][0::2])
+                    y1, y2 = (min(max(v, 0.0), h) for v in r["box"][1::2])
+                    if x2 > x1 and y2 > y1:
+                        expected.setdefault(r["id"], []).append((r, [x1, y1, x2 - x1, y2 - y1]))
+            clipped = sum(
+                r["label"] is not None and list(r["box"]) != [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+                for want in expected.values()
+                for r, b in want
+            )
+            assert clipped  # the fixture has boxes reaching out of their images
             for img in images:
                 anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))
                 want = expected.get(img["uwe_id"], [])
                 assert len(anns) == len(want)
-                for ann, row in zip(anns, want, strict=True):
-                    x1, y1, x2, y2 = row["box"]
-                    assert ann["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+                for ann, (row, bbox) in zip(anns, want, strict=True):
+                    assert ann["bbox"] == pytest.approx(bbox)
+                    assert ann["bbox"][0] >= 0 and ann["bbox"][0] + ann["bbox"][2] <= img["width"] + 1e-9
+                    assert ann["bbox"][1] >= 0 and ann["bbox"][1] + ann["bbox"][3] <= img["height"] + 1e-9
                     assert ann["category_id"] == row["label"] and ann["score"] == pytest.approx(row["score"])
             assert any(not expected.get(img["uwe_id"]) for img in images)  # empty images are listed
 
@@ -282,7 +293,10 @@ def test_unreachable_image(tmp_path):
         (["--to", "cvat"], "unknown --to 'cvat'"),
         (["--to", "coco", "--min-score", "2"], "--min-score must be within [0, 1]"),
         (["--to", "coco", "--path-map", "nothing"], "expected OLD=NEW"),
-        (["--to", "coco", "--class-names", "only-one"], "has no name (1 class names)"),
+        (["--to", "coco", "--class-names", "a,"], "has no name (2 class names)"),
+        (["--to", "coco", "--class-names", "nmaes.txt"], "--class-names nmaes.txt: no such file"),
+        (["--to", "labelstudio", "--to-name", " "], "--to-name is empty"),
+        (["--to", "labelstudio", "--from-name", ""], "--from-name is empty"),
         (["--to", "coco", "--url-prefix", "a/", "--path-map", "a=b"], "not both"),
     ],
 )
@@ -308,3 +322,52 @@ def test_bad_batch_files(kinds, tmp_path):
         assert_one_line_error(result, needle, out)
     with pytest.raises(ExportError):
         build_export(tmp_path / "dup.csv", [fx.pool], ExportOptions(to="nope"))
+
+
+def test_output_that_is_an_input_is_refused(kinds, tmp_path):
+    """A --class-names file, and the image of a pick (read through the pool's `source`): never replaced."""
+    fx, batch = kinds["detection"]
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(DET_NAMES) + "\n")
+    image = fx.images / read_batch(batch).ids[0]
+    for to in ("labelstudio", "coco", "csv"):
+        for out, extra in ((names, ["--class-names", names]), (image, [])):
+            before = out.read_bytes()
+            result = invoke("export", batch, "--pool", fx.pool, "--to", to, "--out", out, *extra)
+            assert_one_line_error(result, f"is the input {out}")
+            assert out.read_bytes() == before
+
+
+def test_path_map_to_a_web_url_quotes_the_rest(tmp_path):
+    fx = classification_pool(tmp_path, n=10)
+    batch = select(fx.pool, 10, tmp_path / "batch.csv")
+    odd = 'odd, "quoted" name.png'
+    assert odd in read_batch(batch).ids
+    out = tmp_path / "tasks.json"
+    args = ["export", batch, "--pool", fx.pool, "--to", "labelstudio", "--out", out, "--quiet"]
+    assert invoke(*args, "--path-map", f"{fx.images}/=https://h.example/a b/").exit_code == 0
+    refs = {t["data"]["uwe_id"]: t["data"]["image"] for t in json.loads(out.read_text())}
+    assert refs[odd] == "https://h.example/a b/odd%2C%20%22quoted%22%20name.png"  # NEW is kept as given
+    assert invoke(*args, "--path-map", f"{fx.images}/=/mnt/x/").exit_code == 0
+    refs = {t["data"]["uwe_id"]: t["data"]["image"] for t in json.loads(out.read_text())}
+    assert refs[odd] == f"/mnt/x/{odd}"  # a path stays a path
+
+
+def test_summary_counts_picks_with_predictions_and_results(kinds, tmp_path):
+    fx, batch = kinds["detection"]
+    for to in ("labelstudio", "coco", "csv"):
+        out = tmp_path / f"out.{to}"
+        result = invoke("export", batch, "--pool", fx.pool, "--to", to, "--out", out, "--json")
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        if to == "coco":
+            anns = json.loads(out.read_text())["annotations"]
+            assert summary["results"] == len(anns)
+            assert summary["predicted_picks"] == len({a["image_id"] for a in anns}) < summary["picks"]
+        elif to == "labelstudio":
+            tasks = json.loads(out.read_text())
+            assert summary["predicted_picks"] == sum(bool(t["predictions"][0]["result"]) for t in tasks)
+            assert summary["results"] == sum(len(t["predictions"][0]["result"]) for t in tasks)
+        else:
+            rows = list(csv.DictReader(out.open(newline="")))
+            assert summary["results"] == sum(r["x1"] != "" for r in rows)

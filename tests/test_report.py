@@ -269,6 +269,9 @@ def test_unreachable_image(tmp_path):
         (["--thumb-size", "4"], "--thumb-size must be within"),
         (["--max-points", "0"], "--max-points must be at least 1"),
         (["--labeled", "/nonexistent/labeled.txt"], "--labeled file not found"),
+        (["--heatmaps", "/nonexistent/heat"], "--heatmaps /nonexistent/heat: no such folder"),
+        (["--class-names", "a,b"], "class 2 has no name (2 class names)"),
+        (["--class-names", "nmaes.txt"], "--class-names nmaes.txt: no such file"),
     ],
 )
 def test_bad_options(kinds, tmp_path, extra, needle):
@@ -277,8 +280,17 @@ def test_bad_options(kinds, tmp_path, extra, needle):
     assert_one_line_error(invoke("report", batch, "--pool", fx.pool, "--out", out, *extra), needle, out)
 
 
-def test_output_that_is_an_input_is_refused(kinds):
-    fx, batch = kinds["classification"]
-    before = Path(batch).read_bytes()
-    assert_one_line_error(invoke("report", batch, "--pool", fx.pool, "--out", batch), "is the input")
-    assert Path(batch).read_bytes() == before
+def test_output_that_is_an_input_is_refused(kinds, tmp_path):
+    """The batch, a --class-names file, and the image of a pick (read through the pool's `source`)."""
+    fx, batch = kinds["detection"]
+    names = tmp_path / "names.txt"
+    names.write_text("background\ncar\nperson\nbike\n")
+    image = fx.images / read_batch(batch).ids[-1]
+    for out, extra, needle in (
+        (batch, [], "is the input"),
+        (names, ["--class-names", names], "is the input"),
+        (image, [], f"is the input {image}"),
+    ):
+        before = Path(out).read_bytes()
+        assert_one_line_error(invoke("report", batch, "--pool", fx.pool, "--out", out, *extra), needle)
+        assert Path(out).read_bytes() == before

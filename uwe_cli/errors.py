@@ -43,3 +43,7 @@ class BatchError(UweError):
 
 class ExportError(UweError):
     """An export or report request the pool cannot satisfy (no boxes, a class without a name)."""
+
+
+class StdoutClosed(OutputError):
+    """The reader of stdout closed it early (`uwe select --out - | head`): not an error to report."""

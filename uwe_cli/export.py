@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ CSV_COLUMNS = (
     "y2",
 )
 REGION_CATEGORY = {"id": 1, "name": "region", "supercategory": "uwe"}
+_WEB_URL = re.compile(r"^https?://", re.IGNORECASE)
 
 Progress = Callable[[int, int], None]
 
@@ -85,7 +87,9 @@ class ImageRefs:
             )
         for old, new in self.path_map:
             if pick.source.startswith(old):
-                return new + pick.source[len(old) :]
+                rest = pick.source[len(old) :]
+                # Into a URL the rest of the path goes quoted ('#', '?', ' ' and '%' in file names).
+                return new + (urllib.parse.quote(rest, safe="/") if _WEB_URL.match(new) else rest)
         return pick.source
 
 
@@ -116,6 +120,9 @@ def check_options(opts: ExportOptions) -> None:
         )
     if opts.min_score is not None and not (math.isfinite(opts.min_score) and 0 <= opts.min_score <= 1):
         raise ExportError(f"--min-score must be within [0, 1], got {opts.min_score}")
+    for option, name in (("--from-name", opts.from_name), ("--to-name", opts.to_name)):
+        if name is not None and name.strip() == "":
+            raise ExportError(f"{option} is empty; give the name of the tag in the Label Studio config")
 
 
 def prediction_type(picks: Picks, requested: str) -> str:
@@ -132,7 +139,8 @@ def prediction_type(picks: Picks, requested: str) -> str:
         )
     if requested == "rectangle" and picks.kind != "regions":
         raise ExportError(
-            f"--predictions rectangle needs a region pool (image_id, x, y, width, height); {where}"
+            f"--predictions rectangle needs a region pool (image_id, x, y, width, height); {where} has no "
+            "region columns"
         )
     if requested == "choices" and not picks.has_class_predictions:
         raise ExportError(
@@ -142,9 +150,12 @@ def prediction_type(picks: Picks, requested: str) -> str:
 
 
 def kept_boxes(picks: Picks, pick: Pick, min_score: float | None) -> list[PickBox]:
-    """The boxes that become predictions: score at least `min_score`, class with a non-empty name."""
+    """The boxes that become predictions: inside the image (clipped, not empty), score at least
+    `min_score`, class with a non-empty name."""
     out = []
     for box in pick.boxes:
+        if box.x2 <= box.x1 or box.y2 <= box.y1:
+            continue
         if min_score is not None and (box.score is None or box.score < min_score):
             continue
         if picks.class_name(box.label) == "":
@@ -163,11 +174,20 @@ def predicted_class(picks: Picks, pick: Pick, min_score: float | None) -> str | 
     return picks.class_name(pick.label) or None
 
 
+def _prediction_count(picks: Picks, pick: Pick, kind: str, min_score: float | None) -> int:
+    """How many pre-annotations (classes, boxes, regions) a pick gets, in every format alike."""
+    if kind == "choices":
+        return int(predicted_class(picks, pick, min_score) is not None)
+    if kind == "rectanglelabels":
+        return len(kept_boxes(picks, pick, min_score))
+    return int(kind == "rectangle" and pick.region is not None)
+
+
 def image_sizes(
-    picks: Picks, images: Path | None, progress: Progress | None = None, workers: int = 8
+    picks: Picks, images: Path | None, progress: Progress | None = None, out: Output | None = None
 ) -> dict[str, tuple[int, int]]:
-    """(width, height) per image ID, read from the image headers."""
-    return map_images(picks, images, lambda _, path: image_size(path), progress, workers)
+    """(width, height) per image ID, read from the image headers (`out` is refused if it is one)."""
+    return map_images(picks, images, lambda _, path: image_size(path), progress, out=out)
 
 
 def _percent(value: float, full: int) -> float:
@@ -364,36 +384,33 @@ def build_export(
     opts: ExportOptions,
     class_names: list[str] | None = None,
     progress: Progress | None = None,
+    out: Output | None = None,
 ) -> ExportResult:
-    """Everything up to the bytes: read, check, size the images, build the document. Raises UweError."""
+    """Everything up to the bytes: read, check, size the images, build the document. Raises UweError
+    (also when `out` is one of the images)."""
     started = time.perf_counter()
     check_options(opts)
     picks = load_picks(batch, pools, class_names)
     kind = prediction_type(picks, opts.predictions)
     if opts.min_score is not None and kind == "rectanglelabels" and not picks.has_scores:
         raise ExportError(f"--min-score: the pool {picks.source.files[0]} has no 'score' column")
-    for pick in picks.picks:  # every label has a name (or the export would be partial), checked early
-        for label in [b.label for b in pick.boxes] + ([pick.label] if pick.label is not None else []):
-            if kind in ("choices", "rectanglelabels"):
+    if kind in ("choices", "rectanglelabels"):  # every label has a name (or the export would be partial)
+        for pick in picks.picks:
+            for label in pick.labels:
                 picks.class_name(label)
-    sizes = image_sizes(picks, opts.images, progress)
+    sizes = image_sizes(picks, opts.images, progress, out)
+    picks.clip_boxes(sizes)
     build = {"labelstudio": labelstudio_tasks, "coco": coco_dataset, "csv": csv_rows}[opts.to]
     document = build(picks, sizes, opts, kind)
-    if opts.to == "labelstudio":
-        predictions = sum(len(t.get("predictions", [])) for t in document)
-        results = sum(len(p["result"]) for t in document for p in t.get("predictions", []))
-    elif opts.to == "coco":
-        predictions = results = len(document["annotations"])
-    else:
-        predictions = results = sum(1 for row in document if row[8] is not None or row[11] is not None)
+    counts = [_prediction_count(picks, pick, kind, opts.min_score) for pick in picks.picks]
     summary = {
         "to": opts.to,
         "picks": len(picks),
         "images": len(sizes),
         "kind": picks.kind,
         "predictions": kind,
-        "predicted_tasks" if opts.to == "labelstudio" else "annotations": predictions,
-        "results": results,
+        "predicted_picks": sum(1 for c in counts if c),
+        "results": sum(counts),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return ExportResult(document, summary)
@@ -408,7 +425,7 @@ def run_export(
     progress: Progress | None = None,
 ) -> ExportResult:
     """Build the export and write it to a checked output (atomically; nothing on any error)."""
-    result = build_export(batch, pools, opts, class_names, progress)
+    result = build_export(batch, pools, opts, class_names, progress, out)
     with open_output(out) as stream:
         write_document(opts.to, result.document, stream)
     result.summary["out"] = str(out)

@@ -1,4 +1,5 @@
-"""ID lists (`--labeled`, `--exclude`): a CSV with an `id` column, or one ID per line.
+"""ID lists (`--labeled`, `--exclude`): a CSV with an `id` column, or one ID per line; and the one
+reader of `--class-names` lists.
 
 Every ID a pool may hold (see `schema.id_problem`) round-trips: the batch CSV quotes what needs
 quoting and is parsed as CSV (quoted commas, quotes, very long IDs), and plain-text lists keep
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from uwe_cli import storage
-from uwe_cli.errors import SelectionError
+from uwe_cli.errors import DataError, SelectionError
 
 # The csv module refuses fields above 128 KiB by default; IDs have no length limit.
 csv.field_size_limit(2**31 - 1)
@@ -50,3 +51,32 @@ def rows_of(ids: list[str], pool_ids: pa.Array) -> tuple[np.ndarray, int]:
     idx = pc.index_in(unique, value_set=pool_ids)
     found = idx.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
     return np.unique(found), len(unique) - len(found)
+
+
+def read_class_names(value: str | None) -> tuple[list[str] | None, list[str | Path]]:
+    """`--class-names`: a text file or URL with one name per line, or 'a,b,c'; returns (names, files read).
+
+    Names keep their positions (an empty line or ',,' is an empty name; trailing empty lines go). A
+    value without a comma that is no file is refused: one class name alone is never a whole list, and
+    a mistyped file name would otherwise become a class called 'nmaes.txt'.
+    """
+    if value is None or value == "":
+        return None, []
+    if storage.is_url(value) or Path(value).is_file():
+        path = storage.as_location(value)
+        names = [
+            line.strip() for line in storage.read_text_file(path, "--class-names file", DataError).split("\n")
+        ]
+        while names and names[-1] == "":
+            names.pop()
+        files: list[str | Path] = [path]
+    elif "," not in value:
+        raise DataError(
+            f"--class-names {value}: no such file (give a file with one name per line, or names "
+            "separated by commas, e.g. 'cat,dog')"
+        )
+    else:
+        names, files = [name.strip() for name in value.split(",")], []
+    if all(name == "" for name in names):
+        raise DataError(f"--class-names {value} holds no names")
+    return names, files

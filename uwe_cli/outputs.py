@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from uwe_cli import storage
-from uwe_cli.errors import OutputError
+from uwe_cli.errors import OutputError, StdoutClosed
 from uwe_cli.storage import atomic_path, strerror
 
 STDOUT = "-"
@@ -132,6 +132,11 @@ def _resolve_remote(
         is_prefix = fs.isdir(path)
     if is_prefix and not directory:
         raise OutputError(f"{option} {url} is a folder (prefix); give an object name")
+    _check_not_remote_input(url, option, inputs)
+    return Output(option, "remote-dir" if directory else "remote", url)
+
+
+def _check_not_remote_input(url: str, option: str, inputs: Iterable[str | os.PathLike[str]]) -> None:
     own = url.rstrip("/")
     for raw in inputs:
         given = os.fspath(raw)
@@ -142,7 +147,14 @@ def _resolve_remote(
             raise OutputError(f"{option} {url} is the input {given}; write to another object")
         if own.startswith(source + "/"):
             raise OutputError(f"{option} {url} is inside the input folder {given}; write elsewhere")
-    return Output(option, "remote-dir" if directory else "remote", url)
+
+
+def refuse_inputs(out: Output, inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """The input check of `resolve_output` for inputs known only later (the images a batch names)."""
+    if out.kind == "file":
+        check_not_input(Path(str(out.path)), out.option, inputs)
+    elif out.kind == "remote":
+        _check_not_remote_input(str(out.path), out.option, inputs)
 
 
 def check_not_input(
@@ -216,6 +228,11 @@ def open_output(out: Output, binary: bool = False) -> Iterator[IO[Any]]:
                 yield fh
         else:
             raise OutputError(f"{out.option} {where} is a directory; give a file name")
+    except BrokenPipeError:
+        if out.kind != "stdout":
+            raise OutputError(f"cannot write {out.option} {where}: its reader closed it") from None
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise StdoutClosed(f"{out.option} -: stdout was closed by its reader") from None
     except OSError as exc:
         raise OutputError(f"cannot write {out.option} {where}: {strerror(exc)}") from None
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from uwe_cli import storage
 from uwe_cli.batch import Batch, read_batch
 from uwe_cli.errors import BatchError, DataError, ExportError, UweError
+from uwe_cli.outputs import Output, refuse_inputs
 from uwe_cli.pool import PoolSource, open_pool
 from uwe_cli.pool.detection import DEFAULT_DETECTION_UNCERTAINTY
 from uwe_cli.pool.files import iter_batches, resolve_uncertainty_column
@@ -56,6 +57,11 @@ class Pick:
     score: float | None = None  # classification: its probability
     boxes: list[PickBox] = field(default_factory=list)
 
+    @property
+    def labels(self) -> list[int]:
+        """The classes the model predicted for this pick (its boxes', or its class)."""
+        return [b.label for b in self.boxes] + ([self.label] if self.label is not None else [])
+
 
 @dataclass
 class Picks:
@@ -85,31 +91,20 @@ class Picks:
             )
         return self.class_names[label]
 
+    def clip_boxes(self, sizes: dict[str, tuple[int, int]]) -> None:
+        """Clip every predicted box to its image (width, height): a pool may hold boxes reaching out of
+        the image, which annotation tools reject or draw across the page."""
+        for pick in self.picks:
+            w, h = sizes[pick.image_id]
+            for box in pick.boxes:
+                box.x1, box.x2 = (min(max(v, 0.0), float(w)) for v in (box.x1, box.x2))
+                box.y1, box.y2 = (min(max(v, 0.0), float(h)) for v in (box.y1, box.y2))
+
     def display_name(self, label: int) -> str:
         """The class name for people: the name when there is a non-empty one, else the label number."""
         if self.class_names is not None and 0 <= label < len(self.class_names) and self.class_names[label]:
             return self.class_names[label]
         return str(label)
-
-
-def parse_class_names(value: str | None) -> list[str] | None:
-    """`--class-names`: a text file with one name per line, or a comma-separated list (label order)."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        try:
-            lines = path.read_text(encoding="utf-8-sig").split("\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ExportError(f"--class-names file {path} cannot be read ({exc})") from None
-        while lines and lines[-1].strip() == "":
-            lines.pop()
-        names = [line.strip() for line in lines]
-    else:
-        names = [name.strip() for name in value.split(",")]
-    if not names or all(name == "" for name in names):
-        raise ExportError(f"--class-names '{value}' holds no names")
-    return names
 
 
 def _rows_of_ids(source: PoolSource, ids: set[str], columns: list[str]) -> pa.Table:
@@ -164,10 +159,9 @@ def load_picks(
     names = class_names if class_names is not None else meta.get("class_names")
     ranks = batch.ranks or list(range(1, len(batch) + 1))
     if source.kind == "detection":
-        picks = _detection_picks(source, batch, ranks, uncertainty, batch_path, pool_paths)
         schema = source.parquet[0].schema_arrow.names
-        return Picks(
-            picks,
+        picks = Picks(
+            _detection_picks(source, batch, ranks, uncertainty, batch_path, pool_paths),
             "detection",
             names,
             meta,
@@ -176,7 +170,13 @@ def load_picks(
             has_scores="score" in schema,
             batch=batch,
         )
-    return _unit_picks(source, batch, ranks, names, batch_path, pool_paths)
+    else:
+        picks = _unit_picks(source, batch, ranks, names, batch_path, pool_paths)
+    if class_names is not None:  # names the user gave must cover every class of the batch
+        for pick in picks.picks:
+            for label in pick.labels:
+                picks.class_name(label)
+    return picks
 
 
 def _unit_picks(
@@ -314,13 +314,16 @@ def map_images(
     func: Callable[[str, str | Path], T],
     progress: Callable[[int, int], None] | None = None,
     workers: int = 8,
+    out: Output | None = None,
 ) -> dict[str, T]:
     """`func(image ID, image path)` once per image of the picks, in parallel threads (remote disks are
-    slow), with progress per image."""
+    slow), with progress per image; first `out`, the command's output, is refused if it is one of them."""
     paths: dict[str, str | Path] = {}
     for pick in picks.picks:
         if pick.image_id not in paths:
             paths[pick.image_id] = image_path(pick, images)
+    if out is not None:
+        refuse_inputs(out, paths.values())
     out: dict[str, T] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, (image_id, value) in enumerate(

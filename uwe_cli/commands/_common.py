@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from uwe_cli import config
-from uwe_cli.errors import UweError
+from uwe_cli.errors import StdoutClosed, UweError
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -36,6 +36,8 @@ def cli_errors() -> Iterator[None]:
     """Turn library errors into exit code 2 with one line, anything unexpected into exit 1."""
     try:
         yield
+    except StdoutClosed:
+        raise typer.Exit(141) from None  # as a program killed by SIGPIPE: quiet, not a success
     except UweError as exc:
         raise fail(str(exc), 2) from None
     except KeyboardInterrupt:

@@ -45,9 +45,9 @@ def export(
 ) -> None:
     """Write the batch as Label Studio tasks, COCO or CSV, with the model's predictions as pre-annotations."""
     from uwe_cli.export import ExportOptions, ImageRefs, parse_path_map, run_export
-    from uwe_cli.picks import parse_class_names
+    from uwe_cli.ids import read_class_names
 
-    inputs = [batch, *pool, *([images] if images is not None else [])]
+    inputs = [batch, *pool, *(p for p in (images, class_names) if p is not None)]
     with ui.output_target(out, inputs, json_summary, storage_option) as target:
         opts = ExportOptions(
             to=to,
@@ -59,15 +59,15 @@ def export(
             refs=ImageRefs(url_prefix, parse_path_map(path_map)),
             images=images,
         )
-        names = parse_class_names(class_names)
+        names, _ = read_class_names(class_names)
         with ui.progress_callback("reading image sizes", ui.show_progress(quiet)) as progress:
             result = run_export(batch, pool, target, opts, names, progress)
     s = result.summary
     if json_summary:
         ui.emit_json(s)
     if not quiet:
-        done = s.get("predicted_tasks", s.get("annotations"))
         ui.stderr.print(
             f"uwe export: {s['picks']} picks ({s['images']} images) → {s['to']} {s['out']}; "
-            f"predictions: {s['predictions']} ({done} with predictions, {s['results']} results) · {s['seconds']:.2f} s"
+            f"predictions: {s['predictions']} ({s['predicted_picks']} picks with predictions, "
+            f"{s['results']} results) · {s['seconds']:.2f} s"
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -84,21 +83,6 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
     return values
 
 
-def parse_class_names(text: str | None) -> tuple[list[str] | None, list[str | Path]]:
-    """(names, files read): a text file (or URL) with one name per line, or a comma-separated list."""
-    from uwe_cli import storage
-
-    if not text:
-        return None, []
-    if storage.is_url(text) or Path(text).is_file():
-        path = storage.as_location(text)
-        names = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
-        if not names:
-            raise DataError(f"--class-names file {path} is empty")
-        return names, [path]
-    return [name.strip() for name in text.split(",")], []
-
-
 # Options every extract command takes, added to each command's signature by `shared_options`, so they
 # are declared (flags, help, default) once. The order here is the order in `--help`.
 SHARED: dict[str, tuple[Any, Any]] = {
@@ -145,12 +129,13 @@ def shared_options(func: Callable[..., None]) -> Callable[..., None]:
 def run_extract(config: type, options: dict[str, Any], **task_options: Any) -> None:
     """Build the task's config from the shared and the task's options, run it, and report."""
     from uwe_cli.data import parse_shard
+    from uwe_cli.ids import read_class_names
 
     quiet, json_summary = options.pop("quiet"), options.pop("json_summary")
     storage_options = options.pop("storage_option")
     with ui.cli_errors():
         ui.apply_storage_options(storage_options)
-        names, files = parse_class_names(options.pop("class_names"))
+        names, files = read_class_names(options.pop("class_names"))
         shard = parse_shard(options.pop("shard"))
         cfg = config(**options, **task_options, class_names=names, shard=shard, extra_inputs=files)
     _run(cfg, quiet, json_summary)

@@ -43,10 +43,10 @@ def report(
     storage_option: ui.StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Write a self-contained HTML report: thumbnails in pick order, map, histograms, settings."""
-    from uwe_cli.picks import parse_class_names
+    from uwe_cli.ids import read_class_names
     from uwe_cli.report import ReportOptions, run_report
 
-    inputs = [batch, *pool, *(p for p in (labeled, settings, heatmaps, images) if p is not None)]
+    inputs = [batch, *pool, *(p for p in (labeled, settings, heatmaps, images, class_names) if p is not None)]
     with ui.output_target(out, inputs, json_summary, storage_option) as target:
         opts = ReportOptions(
             labeled=labeled,
@@ -63,7 +63,7 @@ def report(
             quality=quality,
             seed=seed,
             title=title,
-            class_names=parse_class_names(class_names),
+            class_names=read_class_names(class_names)[0],
         )
         with ui.progress_callback("thumbnails", ui.show_progress(quiet), rate_unit="images") as progress:
             summary = run_report(batch, pool, target, opts, progress)

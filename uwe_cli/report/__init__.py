@@ -122,6 +122,8 @@ def resolve_settings(opts: ReportOptions) -> dict[str, Any]:
     check_selection_options(chosen["tau"], chosen["normalize"], chosen["aggregate"])
     if opts.map not in MAP_METHODS:
         raise ExportError(f"unknown --map '{opts.map}' (choose from {', '.join(MAP_METHODS)})")
+    if opts.heatmaps is not None and not opts.heatmaps.is_dir():
+        raise ExportError(f"--heatmaps {opts.heatmaps}: no such folder")
     if opts.max_points < 1:
         raise ExportError(f"--max-points must be at least 1, got {opts.max_points}")
     if not 16 <= opts.thumb_size <= 2048:
@@ -136,7 +138,11 @@ def _encode_jpeg(img: Any, quality: int) -> str:
 
 
 def make_thumbnails(
-    picks: Picks, opts: ReportOptions, progress: Progress | None = None, workers: int | None = None
+    picks: Picks,
+    opts: ReportOptions,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    out: Output | None = None,
 ) -> tuple[list[Thumb], int]:
     """One thumbnail per pick (each image decoded once, in parallel threads), and how many picks had
     no heatmap in --heatmaps. Unreadable images raise a DataError naming the file."""
@@ -153,7 +159,8 @@ def make_thumbnails(
         return thumb
 
     workers = workers or min(8, os.cpu_count() or 1)
-    by_image = map_images(picks, opts.images, one, progress, workers)
+    by_image = map_images(picks, opts.images, one, progress, workers, out)
+    picks.clip_boxes({image_id: thumb.full for image_id, thumb in by_image.items()})
     thumbs = [by_image[p.image_id] for p in picks.picks]
     missing_heat = sum(1 for t in thumbs if t.heat is None) if opts.heatmaps is not None else 0
     return thumbs, missing_heat
@@ -192,8 +199,10 @@ def build_report(
     pools: Sequence[str | Path],
     opts: ReportOptions,
     progress: Progress | None = None,
+    out: Output | None = None,
 ) -> ReportData:
-    """Read, check and compute everything the page needs. Raises UweError for every bad input."""
+    """Read, check and compute everything the page needs. Raises UweError for every bad input (also
+    when `out` is one of the images)."""
     from uwe_cli.selection.request import check_memory
 
     started = time.perf_counter()
@@ -234,7 +243,7 @@ def build_report(
     map_pick = np.array([position.get(int(r), -1) for r in rows], dtype=np.int64)
     category[map_pick >= 0] = 2
 
-    thumbs, missing_heat = make_thumbnails(picks, opts, progress)
+    thumbs, missing_heat = make_thumbnails(picks, opts, progress, out=out)
     if missing_heat:
         notes.append(f"{missing_heat} picks have no heatmap in {opts.heatmaps}")
     shown_settings = {k: settings[k] for k in SETTING_KEYS if k in settings}
@@ -280,7 +289,7 @@ def run_report(
     """Build the report and write the HTML file (atomically; nothing on any error). Returns a summary."""
     from uwe_cli.report.render import write_page
 
-    data = build_report(batch, pools, opts, progress)
+    data = build_report(batch, pools, opts, progress, out)
     with open_output(out) as stream:
         size = write_page(data, stream)
     return {**data.summary, "bytes": size, "out": str(out), "notes": data.notes}
