@@ -426,3 +426,31 @@ def test_named_uncertainty_is_reported_by_strategies_that_do_not_use_it(tmp_path
     )
     r = invoke("select", path, "--budget", 4, "--strategy", "coreset", "--uncertainty", "nope", "--out", out)
     assert r.exit_code == 2 and "uncertainty column 'nope' not found" in r.stderr
+
+
+def test_a_larger_budget_only_adds_picks_at_the_end(tmp_path):
+    """Grid features under weights √⅓ and √⅔: many distances tie in exact arithmetic and are rounded
+    apart differently by the numpy engine (small budgets) and the compiled one (large budgets)."""
+    from uwe_cli.selection.small import is_small
+
+    rng = np.random.default_rng(13)
+    n, d = 800, 300
+    F = rng.integers(0, 3, (n, d)).astype(np.float32)
+    F[400:500] = F[:100]
+    path = write_pool(tmp_path / "tie.parquet", F, rng.integers(0, 4, n) / 3)
+    labeled = tmp_path / "labeled.txt"
+    labeled.write_text("".join(f"s{i:05d}\n" for i in range(0, n, 7)))
+    L = len(range(0, n, 7))
+    assert is_small(n, d, L + 480) and not is_small(n, d, L + 600)
+    batches = {}
+    for budget in (480, 600):
+        out = tmp_path / f"b{budget}.csv"
+        r = invoke("select", path, "--budget", budget, "--tau", 0.5, "--labeled", labeled, "--out", out, "-q")
+        assert r.exit_code == 0, r.output
+        batches[budget] = [row["id"] for row in read_batch(out)]
+    assert batches[600][:480] == batches[480]
+    cand = np.setdiff1d(np.arange(n), np.arange(0, n, 7))
+    u = pq.read_table(path).column("entropy").to_numpy().astype(np.float64)
+    w = minmax(u, np.ones(n, bool)) ** 0.5
+    picks, _ = kcg_reference(dense_embeddings(F, w), cand, np.arange(0, n, 7), 600)
+    assert batches[600] == [f"s{i:05d}" for i in cand[picks]]

@@ -125,6 +125,24 @@ def test_compiled_engine_batches_are_byte_identical(tmp_path: Path, strategy: st
     )
 
 
+def test_near_ties_give_the_same_batch_on_ray(tmp_path: Path) -> None:
+    """Distances that only rounding separates (grid features under weights √⅓, √⅔) are settled by the
+    reference's arithmetic on every shard, so Ray and the local run pick alike."""
+    rng = np.random.default_rng(13)
+    n, d = 800, 300
+    F = rng.integers(0, 3, (n, d)).astype(np.float32)
+    F[400:500] = F[:100]
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    whole = write_pool(tmp_path / "whole.parquet", F, rng.integers(0, 4, n) / 3)
+    table = pq.read_table(whole)
+    for k, (a, b) in enumerate([(0, 330), (330, n)]):
+        pq.write_table(table.slice(a, b - a), folder / f"part-{k}.parquet")
+    labeled = tmp_path / "labeled.txt"
+    labeled.write_text("".join(f"s{i:05d}\n" for i in range(0, n, 7)))
+    batches_equal(folder, tmp_path, "--budget", 500, "--tau", 0.5, "--labeled", labeled, workers=2)
+
+
 @pytest.fixture(scope="module")
 def detection_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("det") / "pool"

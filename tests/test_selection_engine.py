@@ -292,3 +292,26 @@ def test_parallel_reader_reports_the_first_bad_row_in_file_order(tmp_path, rng):
     pool = read_pool([tmp_path / "groups.parquet"])
     assert pool.ids.to_pylist() == [f"s{i:05d}" for i in range(n)]
     np.testing.assert_array_equal(pool.features, F)
+
+
+def near_tie_pool(rng, n, d):
+    """Grid features under weights √u, u ∈ {0, ⅓, ⅔, 1}: many distances tie in exact arithmetic and are
+    rounded apart differently by different summation orders; a tenth of the rows are duplicates."""
+    F = rng.integers(0, 3, (n, d)).astype(np.float32)
+    F[n // 2 : n // 2 + n // 10] = F[: n // 10]
+    w = np.sqrt(rng.integers(0, 4, n) / 3)
+    return F, w
+
+
+@pytest.mark.parametrize("n_labeled", [0, 60])
+@pytest.mark.parametrize("backend", ["numba", "numpy", "torch", "numba-unpruned"])
+def test_near_ties_are_ordered_as_the_reference_by_every_engine(rng, every_path, backend, n_labeled):
+    """Every engine agrees with the reference on distances within rounding of each other, so a larger
+    budget only adds picks at the end."""
+    F, w = near_tie_pool(rng, 800, 300)
+    cand, lab = split(rng, 800, n_labeled)
+    ref_picks, ref_dist = kcg_reference(dense_embeddings(F, w), cand, lab, 500)
+    name, _, unpruned = backend.partition("-")
+    res = dense_kcg(F, w, cand, lab, 500, backend=name, prune=not unpruned)
+    np.testing.assert_array_equal(res.positions, ref_picks)
+    np.testing.assert_allclose(res.distances, ref_dist, rtol=1e-12)

@@ -38,6 +38,7 @@ from uwe_cli.pool.detection import encode_images
 from uwe_cli.pool.files import checked_ids
 from uwe_cli.pool.unit import read_ids
 from uwe_cli.schema import PASSTHROUGH_COLUMNS
+from uwe_cli.selection.greedy import largest_norm_pick, next_pick, resolve_ties
 from uwe_cli.selection.request import (
     PoolSplit,
     RayOptions,
@@ -51,6 +52,9 @@ from uwe_cli.selection.request import (
 from uwe_cli.selection.strategies import badge_weights
 from uwe_cli.selection.tracker import Progress
 
+# A shard's K-Center-Greedy answer: (D, pool unit, position, the largest D it holds, whether D is the
+# reference's own, the tie tolerance).
+Answer = tuple[float, int, int, float, bool, float]
 RESTART_TIMEOUT = 120.0
 
 
@@ -94,6 +98,7 @@ class Shard:
         if self.n != len(spec.units):  # the driver's partition and the reader must agree
             raise ClusterError(f"shard read {self.n} units, expected {len(spec.units)}")
         self.used = 0
+        self.centre_rows: list[int] = []  # every centre received, as rows of the local embedding
         self.compute = 0.0  # seconds spent in `step` (the per-pick work), for the cost model
         return {"uncertainty_column": self.pool.uncertainty_column, "dim": self.pool.dim}
 
@@ -180,26 +185,37 @@ class Shard:
     def _receive(self, centre: Any) -> int:
         """Store a broadcast centre in spare room; its index in this shard's embedding."""
         if self.kind == "detection":
-            return self.tracker.append_image(*centre)
-        g, f = centre
-        row = self.n + self.used
-        self.used += 1
-        self.G[row] = g
-        self.pool.features[row] = f
+            row = self.tracker.append_image(*centre)
+        else:
+            g, f = centre
+            row = self.n + self.used
+            self.used += 1
+            self.G[row] = g
+            self.pool.features[row] = f
+        self.centre_rows.append(row)
         return row
 
     def init_labeled(self, centres: list[Any]) -> None:
         rows = np.array([self._receive(c) for c in centres], dtype=np.int64)
         self.tracker.init_centres(rows)
 
-    # -- K-Center-Greedy
-    def first(self) -> tuple[float, int, int] | None:
+    # -- K-Center-Greedy: answers are (D, unit, position, largest D held, D is the reference's, tolerance)
+    def first(self) -> Answer | None:
         if not len(self.candidates):
             return None
-        t, sq = self.tracker.largest_norm()
-        return sq, int(self.spec.units[self.candidates[t]]), t
+        t, sq = largest_norm_pick(self.tracker)
+        return self._answer(t, sq, sq)
 
-    def step(self, take: int | None, centre: Any, max_d: float | None) -> tuple[float, int, int] | None:
+    def _answer(self, t: int, d: float, top: float) -> Answer:
+        exact = d != top or d == 0  # settled among near-ties by the reference's arithmetic, or 0
+        return d, int(self.spec.units[self.candidates[t]]), t, top, exact, self.tracker.tie_tolerance
+
+    def exact_distance(self, position: int) -> float:
+        """Candidate `position`'s D (or squared norm before any centre) as the float64 reference forms it."""
+        rows = np.array(self.centre_rows, dtype=np.int64)
+        return resolve_ties(self.tracker, np.array([position]), rows)[1]
+
+    def step(self, take: int | None, centre: Any, max_d: float | None) -> Answer | None:
         """Retire the candidate this shard lost to the batch, fold in the new centre, answer the local max."""
         started = time.perf_counter()
         try:
@@ -207,15 +223,15 @@ class Shard:
         finally:
             self.compute += time.perf_counter() - started
 
-    def _step(self, take: int | None, centre: Any, max_d: float | None) -> tuple[float, int, int] | None:
+    def _step(self, take: int | None, centre: Any, max_d: float | None) -> Answer | None:
         if take is not None:
             self.tracker.take(take)
         if centre is not None:
             self.tracker.add(self._receive(centre), max_d=max_d)
         if not len(self.candidates) or np.all(self.tracker.distances() < 0):
             return None
-        t, d = self.tracker.argmax()
-        return d, int(self.spec.units[self.candidates[t]]), t
+        t, d, top = next_pick(self.tracker, lambda: np.array(self.centre_rows, dtype=np.int64))
+        return self._answer(t, d, top)
 
     # -- K-Means++
     def cumsum(self, start: float) -> float:
@@ -489,13 +505,23 @@ def _select(
     return rows, distances, u, infos, warnings
 
 
-def _best(answers: list[tuple[float, int, int] | None]) -> tuple[int, float, int, int]:
-    """(shard, value, unit, position) of the largest value, ties to the earliest pool unit."""
-    k = min(
-        (k for k, a in enumerate(answers) if a is not None), key=lambda k: (-answers[k][0], answers[k][1])
-    )  # type: ignore[index]
-    value, unit, position = answers[k]  # type: ignore[misc]
-    return k, value, unit, position
+def _best(cluster: _Cluster, answers: list[Answer | None]) -> tuple[int, float, int, int, float]:
+    """(shard, D, unit, position, largest D any shard holds) of the pick: the largest D, ties to the
+    earliest pool unit. Answers within rounding of the largest are compared by the reference's D,
+    asked of the shards that have not computed it (see `greedy.resolve_ties`)."""
+    live = [k for k, a in enumerate(answers) if a is not None]
+    found = {k: answers[k] for k in live}
+    top = max(a[3] for a in found.values())
+    largest = max(a[0] for a in found.values())
+    near = [k for k in live if found[k][0] >= largest * (1 - found[k][5])]
+    values = {k: found[k][0] for k in live}
+    if largest > 0 and len(near) > 1:
+        for k in near:
+            if not found[k][4]:
+                values[k] = cluster.call_one(k, "exact_distance", found[k][2])
+        live = near
+    k = min(live, key=lambda k: (-values[k], found[k][1]))
+    return k, values[k], found[k][1], found[k][2], top
 
 
 def _kcg(
@@ -510,13 +536,13 @@ def _kcg(
     else:
         answers = cluster.call("first", [()] * n_shards)
     for b in range(budget):
-        k, d, unit, position = _best(answers)
+        k, d, unit, position, top = _best(cluster, answers)
         rows[b], distances[b] = unit, np.sqrt(d)
         if b + 1 == budget:
             break
         centre = cluster.call_one(k, "centre", position)
         # the first pick without labeled units reports its norm; the next update uses the live max D
-        max_d = None if (b == 0 and not split.labeled.size) else d
+        max_d = None if (b == 0 and not split.labeled.size) else top
         answers = cluster.call(
             "step", [((position if j == k else None), centre, max_d) for j in range(n_shards)], record=True
         )
@@ -552,7 +578,7 @@ def _kmeanspp(
 
     start = 0
     if not split.labeled.size:
-        k, _, _, position = _best(cluster.call("first", [()] * n_shards))
+        k, _, _, position, _ = _best(cluster, cluster.call("first", [()] * n_shards))
         pick(0, k, position)
         start = 1
     for b in range(start, budget):

@@ -609,6 +609,27 @@ def best_bucket(maxD, argslot, count, orig, k, orphan):
 
 
 @njit(cache=True)
+def near_max_slots(maxD, start, count, D, orig, threshold, out):  # pragma: no cover
+    """Candidates (positions) of live D ≥ threshold, into `out` while it has room; returns how many.
+    Only buckets whose largest D reaches the threshold are read, each up to its first live D below it
+    (live slots of a bucket are in descending D)."""
+    m = 0
+    for a in range(maxD.size):
+        if maxD[a] < threshold:
+            continue
+        for s in range(start[a], start[a] + count[a]):
+            d = D[s]
+            if d < 0.0:
+                continue
+            if d < threshold:
+                break
+            if m < out.size:
+                out[m] = orig[s]
+            m += 1
+    return m
+
+
+@njit(cache=True)
 def compact(
     start, count, maxD, argslot, D, near, norms, orig, xrow, slot_of, Q, qa, qr, screen, nbuckets, new_id
 ):

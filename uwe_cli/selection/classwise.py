@@ -718,6 +718,12 @@ class ClasswiseTracker(Tracker):
     def distances(self) -> np.ndarray:
         return np.where(self.active, self.min_d2, -1.0)
 
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        return to_dense(self.emb, rows)
+
+    def square_norms(self) -> np.ndarray:
+        return self.emb.image_norm2[self.candidates]
+
 
 def classwise_kcg(
     emb: ClasswiseEmbedding,

@@ -583,6 +583,27 @@ class CentreTracker(Tracker):
             raise ValueError("no candidate left")
         return int(self.orig[s]), float(self.D[s])
 
+    def near_max(self, threshold: float) -> np.ndarray:
+        """Live positions with D ≥ threshold, read from the buckets whose largest D reaches it."""
+        self._refresh_dirty()
+        out = np.empty(64, dtype=np.int64)
+        m = kern.near_max_slots(self.maxD, self.start, self.count, self.D, self.orig, threshold, out)
+        if m > out.size:
+            out = np.empty(m, dtype=np.int64)
+            kern.near_max_slots(self.maxD, self.start, self.count, self.D, self.orig, threshold, out)
+        return np.sort(out[:m])
+
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.g.shape[1] * self.X.shape[1]), dtype=np.float64)
+        for j, row in enumerate(rows):
+            f, g = self._row(int(row))
+            out[j] = (g[:, None] * f.astype(np.float64)[None, :]).reshape(-1)
+        return out
+
+    def square_norms(self) -> np.ndarray:
+        slots = self.slot_of
+        return np.where(slots >= 0, self.norms[slots] ** 2, -1.0)
+
     def take(self, t: int) -> None:
         """Remove candidate position t from play (it has been selected)."""
         s = int(self.slot_of[t])

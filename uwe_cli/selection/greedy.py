@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats
 
 PROGRESS_STEPS = 200
+TIE_CHUNK_ELEMENTS = 1 << 22  # (tied candidate, centre, feature) differences formed at once
 
 
 @dataclass
@@ -20,6 +22,51 @@ class KCGResult:
 
 def _progress_step(budget: int) -> int:
     return max(1, budget // PROGRESS_STEPS)
+
+
+def resolve_ties(tracker: Tracker, positions: np.ndarray, centre_rows: np.ndarray) -> tuple[int, float]:
+    """The reference's choice among candidates whose D are within rounding of each other.
+
+    Engines sum a squared distance in different orders (numba sequentially, numpy pairwise, torch in
+    blocks), so distances that tie in exact arithmetic come out a few ulps apart, differently per
+    engine. Recomputing the few near-tied candidates' distances to every centre as the float64
+    reference does (direct differences summed by numpy; without centres, the squared norm) makes every
+    engine pick what the reference picks; ties go to the earlier candidate. Identical embeddings are
+    computed once.
+    """
+    X, inverse = np.unique(tracker.dense_rows(tracker.candidates[positions]), axis=0, return_inverse=True)
+    if centre_rows.size == 0:
+        D = (X**2).sum(axis=1)
+    else:
+        D = np.full(X.shape[0], np.inf)
+        step = max(1, TIE_CHUNK_ELEMENTS // max(1, X.size))
+        for s in range(0, centre_rows.size, step):
+            C = tracker.dense_rows(centre_rows[s : s + step])
+            np.minimum(D, ((X[:, None, :] - C[None, :, :]) ** 2).sum(axis=2).min(axis=1), out=D)
+    D = D[inverse.reshape(-1)]
+    i = int(np.argmax(D))  # the first maximum: positions are ascending
+    return int(positions[i]), float(D[i])
+
+
+def largest_norm_pick(tracker: Tracker) -> tuple[int, float]:
+    """The candidate of largest norm (no centres yet), near-ties resolved as the reference does."""
+    t, sq = tracker.largest_norm()
+    if sq > 0:
+        near = np.flatnonzero(tracker.square_norms() >= sq * (1 - 2 * tracker.tie_tolerance))
+        if near.size > 1:
+            return resolve_ties(tracker, near, np.empty(0, dtype=np.int64))
+    return t, sq
+
+
+def next_pick(tracker: Tracker, centre_rows: Callable[[], np.ndarray]) -> tuple[int, float, float]:
+    """(position, its D, the largest D the engine holds): the engine's argmax unless near-tied."""
+    t, d = tracker.argmax()
+    top = d
+    if 0 < d < np.inf:
+        near = tracker.near_max(d * (1 - tracker.tie_tolerance))
+        if near.size > 1:
+            t, d = resolve_ties(tracker, near, centre_rows())
+    return t, d, top
 
 
 def k_center_greedy(
@@ -38,18 +85,20 @@ def k_center_greedy(
     if centres.size:
         tracker.init_centres(centres)
     elif budget:
-        t, sq = tracker.largest_norm()
+        t, sq = largest_norm_pick(tracker)
         positions[0], distances[0] = t, np.sqrt(sq)
         tracker.take(t)
         if budget > 1:
             tracker.add(int(tracker.candidates[t]))
         first = 1
     for b in range(first, budget):
-        t, d = tracker.argmax()
+        t, d, top = next_pick(
+            tracker, lambda b=b: np.concatenate([centres, tracker.candidates[positions[:b]]])
+        )
         positions[b], distances[b] = t, np.sqrt(d)
         tracker.take(t)
         if b + 1 < budget:
-            tracker.add(int(tracker.candidates[t]), max_d=d)
+            tracker.add(int(tracker.candidates[t]), max_d=top)
         if progress is not None and (b % step == 0 or b + 1 == budget):
             progress(b + 1, budget)
     return KCGResult(positions, distances, tracker.stats)
@@ -71,7 +120,7 @@ def kmeanspp_seeding(
     if centres.size:
         tracker.init_centres(centres)
     elif budget:
-        t, _ = tracker.largest_norm()
+        t, _ = largest_norm_pick(tracker)
         positions[0] = t
         tracker.take(t)
         if budget > 1:

@@ -71,3 +71,9 @@ class NumpyTracker(Tracker):
 
     def distances(self) -> np.ndarray:
         return np.where(self.taken, -1.0, self.D)
+
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self._embed(np.asarray(rows, dtype=np.int64))
+
+    def square_norms(self) -> np.ndarray:
+        return (self.E**2).sum(axis=1)

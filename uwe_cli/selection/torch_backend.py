@@ -156,6 +156,19 @@ class TorchCentreTracker(Tracker):
     def distances(self) -> np.ndarray:
         return self._D.cpu().numpy()
 
+    def near_max(self, threshold: float) -> np.ndarray:
+        return self._D.ge(threshold).nonzero().flatten().cpu().numpy()
+
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        import torch
+
+        r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        G, F = self._G[r].cpu().numpy(), self._F[r].cpu().numpy().astype(np.float64)
+        return (G[:, :, None] * F[:, None, :]).reshape(len(rows), -1)
+
+    def square_norms(self) -> np.ndarray:
+        return self._norms.square().cpu().numpy()
+
     def argmax(self) -> tuple[int, float]:
         """The live candidate of largest D; ties go to the earliest candidate in the caller's order."""
         top = self._D.max()

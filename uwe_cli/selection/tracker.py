@@ -94,6 +94,29 @@ class Tracker(ABC):
     def distances(self) -> np.ndarray:
         """Squared distance to the nearest centre per candidate, -1 for picked ones."""
 
+    # -- near-ties (see `greedy.resolve_ties`) -------------------------------------------------------
+
+    @abstractmethod
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The float64 embeddings of pool rows, (len(rows), width), formed as the reference forms them."""
+
+    @abstractmethod
+    def square_norms(self) -> np.ndarray:
+        """Squared embedding norm per candidate, as this engine computed it (to find near-ties)."""
+
+    def near_max(self, threshold: float) -> np.ndarray:
+        """Live positions whose D is at least `threshold`, ascending (engines may find them faster)."""
+        return np.flatnonzero(self.distances() >= threshold)
+
+    @property
+    def tie_tolerance(self) -> float:
+        """Relative gap below which two squared distances may be ordered differently by engines that sum
+        in different orders: each lies within (width + 3)·2⁻⁵³ of the exact value; twice that, and room."""
+        if not hasattr(self, "_tie_tolerance"):
+            width = self.dense_rows(self.candidates[:1]).shape[1] if self.candidates.size else 0
+            self._tie_tolerance = 8.0 * (width + 3) * 2.0**-53
+        return self._tie_tolerance
+
 
 def tracker_class(kind: str, backend: str) -> type[Tracker]:
     """The engine for a pool kind ("unit", "detection") and backend ("numba", "torch")."""
