@@ -161,6 +161,22 @@ def test_the_process_ends_with_everything_delivered(tmp_path, pool):
         text=True,
     )
     assert closed.returncode == 141 and closed.stderr == "", closed.stderr
+    inspect = [sys.executable, "-m", "uwe_cli.cli", "inspect", str(path)]
+    for args in ([*cmd, "--out", str(out), "--json"], inspect, [*inspect, "--json"]):
+        closed = subprocess.run(
+            f"{shlex.join(args)} | true; exit ${{PIPESTATUS[0]}}",
+            shell=True,
+            executable="/bin/bash",
+            capture_output=True,
+            text=True,
+        )
+        assert closed.returncode == 141 and closed.stderr == "", (args, closed.stderr)
+    # stdout named by path is stdout too: the JSON line would land in the batch
+    proc = subprocess.run(
+        [*cmd, "--out", "/dev/stdout", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: --json and --out /dev/stdout both write to stdout"), proc.stderr
 
 
 def test_labeled_previous_batch_and_exclude(tmp_path, pool):

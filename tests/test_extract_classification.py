@@ -622,3 +622,43 @@ def test_class_names_must_match_the_classes(images: Path, resnet_ckpt: Path, tmp
         "--checkpoint", str(resnet_ckpt), "--image-size", "32", "--class-names", "a,b,c",
     )  # fmt: skip
     assert_one_line_error(r, "3 class names given but the model has 4 classes", out)
+
+
+def test_cli_refuses_model_mixups_and_unwritable_outputs(
+    images: Path, resnet_ckpt: Path, tmp_path: Path
+) -> None:
+    """Options that cannot both apply, and outputs no file can be created at, are refused before any work."""
+    out = tmp_path / "pool.parquet"
+    base = ["extract", "classification", "--data", str(images), "--image-size", "32", "--num-workers", "0"]
+    whole = tmp_path / "whole.pt"
+    torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=K), whole)
+    r = invoke(
+        *base, "--out", str(out), "--model", "resnet34", "--checkpoint", str(whole), "--trust-checkpoint"
+    )
+    assert_one_line_error(r, "holds a whole model (ResNet), which runs as it is: drop --model resnet34", out)
+    r = invoke(*base, "--out", str(out), "--model", "tiny_net:tiny_cnn", "--weights", "DEFAULT")
+    assert_one_line_error(
+        r, "--weights applies to torchvision and timm models, not --model tiny_net:tiny_cnn", out
+    )
+    folder = tmp_path / "newout"
+    r = invoke(*base, "--out", f"{folder}/", "--model", "resnet18", "--checkpoint", str(resnet_ckpt))
+    assert_one_line_error(r, "ends with '/', a folder; give a file name", folder)
+    r = invoke(
+        *base, "--out", "/proc/uwe-pool.parquet", "--model", "resnet18", "--checkpoint", str(resnet_ckpt)
+    )
+    assert_one_line_error(r, "cannot write --out /proc/uwe-pool.parquet")
+
+
+def test_cli_warns_before_work_when_weights_are_random(
+    images: Path, resnet_ckpt: Path, tmp_path: Path
+) -> None:
+    base = ["extract", "classification", "--data", str(images), "--image-size", "32", "--num-workers", "0"]
+    r = invoke(*base, "--out", str(tmp_path / "a.parquet"), "--model", "resnet18", "--amp", "-q")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "runs with random weights" in warnings[0], r.stderr
+    assert "--amp only applies on CUDA" in warnings[1]  # --device auto resolved to the CPU
+    r = invoke(
+        *base, "--out", str(tmp_path / "b.parquet"), "--model", "resnet18", "--checkpoint", str(resnet_ckpt)
+    )
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.stderr

@@ -460,3 +460,17 @@ def test_class_names_must_match_the_classes(images: Path, tmp_path: Path) -> Non
     _, rows = run(images, tmp_path / "named.parquet", class_names=[f"c{i}" for i in range(K)])
     meta = pq.read_schema(tmp_path / "named.parquet").metadata[b"uwe"]
     assert b'"class_names": ["c0"' in meta and rows
+
+
+def test_side_folders_apart_from_the_pool(images: Path, tmp_path: Path) -> None:
+    """--heatmaps may not be the pool, its work folder (deleted at the end) or its skip report."""
+    out = tmp_path / "pool.parquet"
+    for folder in (out, tmp_path / ".pool.parquet.parts", tmp_path / "pool.skipped.csv"):
+        result = cli(
+            "--data", str(images), "--out", str(out), "--device", "cpu", "--num-workers", "0",
+            "--model", "test_extract_segmentation:tiny_dict", "--heatmaps", str(folder),
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"--heatmaps {folder} is the --out pool" in lines[0], result.output
+        assert not any(tmp_path.iterdir())

@@ -5,6 +5,7 @@ with one line and leaves nothing behind, IDs round-trip, resumed runs notice cha
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import stat
@@ -373,6 +374,41 @@ def test_bad_metadata_is_refused_by_select_and_inspect(tmp_path: Path, meta: byt
 def test_inspect_refuses_a_string_feature_column(tmp_path: Path) -> None:
     pq.write_table(pa.table({"id": ["a"], "feature": ["1,2,3"], "entropy": [0.5]}), tmp_path / "s.parquet")
     assert_one_line_error(invoke("inspect", tmp_path / "s.parquet"), "must be a list of floats")
+
+
+@pytest.mark.parametrize(
+    ("entropy", "needle"),
+    [
+        (pa.array(["0.5", "0.1"]), "uncertainty column 'entropy' is not numeric (string)"),
+        (pa.array([True, False]), "uncertainty column 'entropy' is not numeric (bool)"),
+        (pa.array([0.5, float("nan")]), "NaN or Inf in 'entropy'"),
+        (pa.array([0.5, float("inf")]), "NaN or Inf in 'entropy'"),
+        (pa.array([0.5, -0.1]), "negative 'entropy'"),
+    ],
+)
+def test_select_and_inspect_refuse_the_same_uncertainty(
+    tmp_path: Path, entropy: pa.Array, needle: str
+) -> None:
+    feature = pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32(), 2))
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "feature": feature, "entropy": entropy}), tmp_path / "u.parquet"
+    )
+    out = tmp_path / "b.csv"
+    assert_one_line_error(invoke("select", tmp_path / "u.parquet", "-b", 1, "-o", out), needle, out)
+    assert_one_line_error(invoke("inspect", tmp_path / "u.parquet"), needle)
+    assert_one_line_error(invoke("inspect", tmp_path / "u.parquet", "--json"), needle)
+
+
+def test_inspect_json_is_strict_json_with_non_finite_values(tmp_path: Path) -> None:
+    feature = pa.array([[1.0], [3.0], [2.0]], pa.list_(pa.float32(), 1))
+    score = pa.array([0.5, float("nan"), float("inf")])
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "feature": feature, "score": score}), tmp_path / "s.parquet"
+    )
+    r = invoke("inspect", tmp_path / "s.parquet", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert info["uncertainty"]["score"] == {"min": 0.5, "mean": 0.5, "max": 0.5, "nulls": 0, "non_finite": 2}
 
 
 # ------------------------------------------------------------------------------------- 10-12. extraction

@@ -14,11 +14,39 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from uwe_cli.pool import open_pool
-from uwe_cli.pool.files import read_column
+from uwe_cli.pool import PoolSource, open_pool
+from uwe_cli.pool.files import check_feature_type, check_numeric_column, check_uncertainty_values, read_column
 from uwe_cli.schema import UNCERTAINTY_MEASURES
 
 _SKIP = {"id", "feature", "probs", "box", "pred", "label", "x", "y", "width", "height"}
+
+
+def _column_stats(source: PoolSource, name: str) -> dict[str, float | int | None]:
+    """min, mean, max over the finite values (None when there are none), nulls, non-finite values.
+    Uncertainty columns get `uwe select`'s checks: numeric, finite, non-negative."""
+    values, nulls = [], 0
+    for f, pf in zip(source.files, source.parquet, strict=True):
+        if name not in pf.schema_arrow.names:
+            continue
+        measure = name in UNCERTAINTY_MEASURES
+        if measure:
+            check_numeric_column(f, pf.schema_arrow, name, "uncertainty")
+        col = read_column(pf, f, name)
+        nulls += col.null_count
+        v = col.drop_null().cast(pa.float64()).to_numpy(zero_copy_only=False)
+        if measure:
+            check_uncertainty_values(v, name, lambda i, f=f: f"{f}: value {i}")
+        values.append(v)
+    v = np.concatenate(values) if values else np.empty(0)
+    finite = v[np.isfinite(v)]
+    some = finite.size > 0
+    return {
+        "min": float(finite.min()) if some else None,
+        "mean": float(finite.mean()) if some else None,
+        "max": float(finite.max()) if some else None,
+        "nulls": nulls,
+        "non_finite": int(v.size - finite.size),
+    }
 
 
 def describe_pool(paths: Sequence[str | Path] | str | Path) -> dict[str, Any]:
@@ -30,27 +58,10 @@ def describe_pool(paths: Sequence[str | Path] | str | Path) -> dict[str, Any]:
         for f in schema
         if f.name not in _SKIP and (pa.types.is_floating(f.type) or f.name in UNCERTAINTY_MEASURES)
     ]
-    stats: dict[str, dict[str, float | int]] = {}
-    for name in stat_cols:
-        lo, hi, total, count, nulls = np.inf, -np.inf, 0.0, 0, 0
-        for f, pf in zip(source.files, source.parquet, strict=True):
-            if name not in pf.schema_arrow.names:
-                continue
-            col = read_column(pf, f, name)
-            nulls += col.null_count
-            valid = col.drop_null()
-            if len(valid):
-                mm = pc.min_max(valid)
-                lo = min(lo, mm["min"].as_py())
-                hi = max(hi, mm["max"].as_py())
-                total += pc.sum(valid.cast(pa.float64())).as_py()
-                count += len(valid)
-        stats[name] = {  # None (JSON null) when the column holds no value at all
-            "min": lo if count else None,
-            "mean": total / count if count else None,
-            "max": hi if count else None,
-            "nulls": nulls,
-        }
+    for f, pf in zip(source.files, source.parquet, strict=True):
+        if "feature" in pf.schema_arrow.names:
+            check_feature_type(f, pf.schema_arrow.field("feature").type)
+    stats = {name: _column_stats(source, name) for name in stat_cols}
     shown = paths if isinstance(paths, (str, Path)) else ", ".join(map(str, paths))
     info: dict[str, Any] = {
         "path": str(shown),

@@ -376,6 +376,11 @@ def load_model(
         device = resolve_device(device)
     if num_classes is not None and num_classes < 1:
         raise ModelError(f"--num-classes must be positive, got {num_classes}")
+    if weights and model is not None and ":" in model and not model.startswith(model_sources.TIMM):
+        raise ModelError(
+            f"--weights applies to torchvision and timm models, not --model {model} (its weights come "
+            "from its own code or --checkpoint)"
+        )
     path = storage.as_location(checkpoint) if checkpoint is not None else None
     obj = sha = None
     if path is not None:
@@ -386,12 +391,16 @@ def load_model(
     weight_enum = None
     class_names = transform = None
 
-    if scripted or isinstance(obj, torch.nn.Module):
-        module = obj
-        name = model or (f"torchscript:{storage.name(path)}" if scripted else type(obj).__name__)  # type: ignore[union-attr]
-    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), torch.nn.Module):
-        module = obj["model"]
-        name = model or type(module).__name__
+    whole = (
+        obj["model"] if isinstance(obj, Mapping) and isinstance(obj.get("model"), torch.nn.Module) else obj
+    )
+    if scripted or isinstance(whole, torch.nn.Module):
+        module = whole
+        name = f"torchscript:{storage.name(path)}" if scripted else type(whole).__name__  # type: ignore[union-attr]
+        if model is not None:
+            raise ModelError(
+                f"--checkpoint {path} holds a whole model ({name}), which runs as it is: drop --model {model}"
+            )
     else:
         if model is None:
             raise ModelError(

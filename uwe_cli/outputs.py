@@ -50,7 +50,7 @@ class Output:
 
 
 def _existing_ancestor(path: Path, option: str) -> Path:
-    """The nearest existing ancestor of a path to be created; it must be a writable directory."""
+    """The nearest existing ancestor of a path to be created; files must be creatable in it."""
     parent = path.parent
     while not parent.exists():
         if parent == parent.parent:
@@ -58,9 +58,21 @@ def _existing_ancestor(path: Path, option: str) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {option} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {option} {path}: permission denied in {parent}")
+    _probe(parent, option, path)
     return parent
+
+
+def _probe(folder: Path, option: str, path: Path) -> None:
+    """Create and remove a file in `folder`: permission bits (and root, which ignores them) cannot tell
+    whether a file system takes new files (read-only mounts, /sys, /proc), and the work must not run first."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".uwe-probe-", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write {option} {path}: {strerror(exc)} in {folder}") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def resolve_output(
@@ -85,6 +97,8 @@ def resolve_output(
         if not allow_stdout or directory:
             raise OutputError(f"{option} - (stdout) is not possible here; give a path")
         return Output(option, "stdout", None)
+    if not directory and text.endswith(("/", os.sep)):
+        raise OutputError(f"{option} {text} ends with '/', a folder; give a file name")
     if storage.is_url(text):
         return _resolve_remote(text, option, inputs, directory)
     path = storage.local_path(text).expanduser()
@@ -103,6 +117,7 @@ def resolve_output(
         if not directory:
             raise OutputError(f"{option} {path} is a directory; give a file name")
         kind = "dir"
+        _probe(path, option, path)
     elif directory:
         raise OutputError(f"{option} {path} is a file; give a directory")
     elif stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
@@ -111,6 +126,7 @@ def resolve_output(
         kind = "file"
         if not os.access(path, os.W_OK):
             raise OutputError(f"cannot write {option} {path}: permission denied")
+        _probe(Path(os.path.realpath(path)).parent, option, path)  # the new file is renamed over it
     else:
         raise OutputError(f"{option} {path} is a special file (not a regular file, FIFO or character device)")
     if kind == "file" and st is not None:
@@ -231,7 +247,6 @@ def open_output(out: Output, binary: bool = False) -> Iterator[IO[Any]]:
     except BrokenPipeError:
         if out.kind != "stdout":
             raise OutputError(f"cannot write {out.option} {where}: its reader closed it") from None
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         raise StdoutClosed(f"{out.option} -: stdout was closed by its reader") from None
     except OSError as exc:
         raise OutputError(f"cannot write {out.option} {where}: {strerror(exc)}") from None

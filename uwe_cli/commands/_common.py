@@ -7,6 +7,7 @@ tables, warnings, errors) goes to stderr.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
 import time
@@ -35,9 +36,8 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def cli_errors() -> Iterator[None]:
     """Turn library errors into exit code 2 with one line, anything unexpected into exit 1."""
     try:
-        yield
-    except StdoutClosed:
-        raise typer.Exit(141) from None  # as a program killed by SIGPIPE: quiet, not a success
+        with stdout_reader_gone():
+            yield
     except UweError as exc:
         raise fail(str(exc), 2) from None
     except KeyboardInterrupt:
@@ -52,6 +52,19 @@ def cli_errors() -> Iterator[None]:
         raise fail(
             f"unexpected {type(exc).__name__}: {exc} (set UWE_DEBUG=1 for the full traceback)", 1
         ) from None
+
+
+@contextlib.contextmanager
+def stdout_reader_gone() -> Iterator[None]:
+    """The reader of stdout closed it (`| head`): end quietly with 141, as a program ended by SIGPIPE."""
+    try:
+        yield
+    except (StdoutClosed, BrokenPipeError):
+        import os
+
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(141) from None
 
 
 def warn(message: str) -> None:
@@ -101,12 +114,24 @@ def progress_callback(
 
 def emit_json(summary: dict[str, Any]) -> None:
     """The one-line JSON summary of `--json`, on stdout."""
-    typer.echo(json.dumps(summary, sort_keys=True, default=str))
+    with stdout_reader_gone():
+        typer.echo(json.dumps(summary, sort_keys=True, default=str))
 
 
 def refuse_two_stdout_outputs(out: object, json_summary: bool) -> None:
-    if str(out) == "-" and json_summary:
-        raise fail("--json and --out - both write to stdout; write the output to a file with --out FILE")
+    """`--json` beside an output that is stdout: `-`, or a path to stdout's own file (/dev/stdout)."""
+    if json_summary and (str(out) == "-" or _is_stdout(out)):
+        raise fail(f"--json and --out {out} both write to stdout; write the output to a file with --out FILE")
+
+
+def _is_stdout(out: object) -> bool:
+    import os
+
+    try:
+        a, b = os.stat(str(out)), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 StorageOption = Annotated[

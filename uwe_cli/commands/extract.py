@@ -147,13 +147,11 @@ def _run(cfg: Any, quiet: bool, json_summary: bool) -> None:
 
     ui.refuse_two_stdout_outputs(cfg.out, json_summary)
     with ui.cli_errors():
-        if getattr(cfg, "amp", False) and cfg.device == "cpu":
-            ui.warn("--amp only applies on CUDA; running in float32 on the CPU")
         task = cfg.make_task()
         with ui.progress_callback(
             f"extracting ({task.name})", ui.show_progress(quiet or json_summary), "images"
         ) as update:
-            result = run_extraction(task, update)
+            result = run_extraction(task, update, ui.warn)
         for item, message in result.skipped if result.skip_report is None else []:
             ui.warn(f"left out {item.id}: {message}")
         if result.skip_report is not None:

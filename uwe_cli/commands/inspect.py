@@ -15,9 +15,6 @@ def inspect(
     storage_option: ui.StorageOption = [],  # noqa: B006 - Typer reads the default, never mutated
 ) -> None:
     """Describe a pool: rows, feature dimension, task, uncertainty columns (min/mean/max), metadata."""
-    from rich.console import Console
-    from rich.table import Table
-
     from uwe_cli.describe import describe_pool
 
     with ui.cli_errors():
@@ -26,7 +23,16 @@ def inspect(
     if json_out:
         ui.emit_json(info)
         return
+    with ui.stdout_reader_gone():
+        _print(info)
+
+
+def _print(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console(highlight=False, markup=False)
+    console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]  # rich would exit 1 itself
     console.print(f"{info['path']}  ({info['files']} file{'s' if info['files'] != 1 else ''})")
     console.print(f"rows: {info['rows']:,}" + (f"   images: {info['images']:,}" if "images" in info else ""))
     console.print(f"task: {info['task']}   feature dim: {info['feature_dim']}")
@@ -38,3 +44,7 @@ def inspect(
     console.print("columns: " + ", ".join(f"{k} ({v})" for k, v in info["columns"].items()))
     if info["metadata"]:
         console.print("metadata: " + json.dumps(info["metadata"], sort_keys=True))
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError

@@ -13,6 +13,7 @@ written, and no file or folder exists until the first part of rows is complete.
 from __future__ import annotations
 
 import csv
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from uwe_cli import __version__, storage
 from uwe_cli.data import ImageItem, LoaderBatch, check_loader_options, list_images, make_loader, shard_items
-from uwe_cli.errors import DataError, ModelError
+from uwe_cli.errors import DataError, ModelError, OutputError
 from uwe_cli.extract.writer import DEFAULT_PART_ROWS, ResumablePoolWriter, shard_target, work_dir_for
 from uwe_cli.outputs import Output, check_not_input, open_output, resolve_output
 
@@ -197,6 +198,25 @@ def _check_common(cfg: ExtractConfig, task: ExtractionTask) -> None:
         raise DataError(f"--num-classes must be positive, got {cfg.num_classes}")
 
 
+def run_warnings(cfg: ExtractConfig) -> list[str]:
+    """What a user should hear before a run starts: a torchvision or timm architecture without
+    --checkpoint or --weights (random weights), and --amp where it does nothing."""
+    from uwe_cli.models import resolve_device
+
+    found = []
+    model = cfg.model
+    # hf: directories and factories bring their own weights
+    bare = model is not None and (":" not in model or model.startswith("timm:"))
+    if bare and not cfg.weights and not cfg.checkpoint_paths():
+        found.append(
+            f"--model {model} has neither --checkpoint nor --weights: it runs with random weights, so "
+            "the pool's uncertainty and features say nothing about your data"
+        )
+    if getattr(cfg, "amp", False) and resolve_device(cfg.device).type == "cpu":
+        found.append("--amp only applies on CUDA; running in float32 on the CPU")
+    return found
+
+
 def _resolve_target(cfg: ExtractConfig, inputs: list[Path], keys: list[tuple[int, int]]) -> Output:
     """The pool file (or the shard's part in the --out directory), checked against every input."""
     if cfg.shard is not None:
@@ -209,6 +229,23 @@ def _resolve_target(cfg: ExtractConfig, inputs: list[Path], keys: list[tuple[int
         for side in (work_dir_for(target.path), skip_report_path(target.path)):
             check_not_input(Path(side), "--out", inputs, keys)
     return target
+
+
+def _check_apart(folder: str | Path, option: str, target: Output) -> None:
+    """A side folder (--heatmaps, --visualize) is none of the files the pool's writing owns: the pool,
+    its work folder (removed when the pool is done) or its skip report."""
+    if target.kind != "file" or target.path is None or storage.is_url(folder):
+        return
+    real = Path(os.path.realpath(folder))
+    owned = (
+        (target.path, "the --out pool"),
+        (work_dir_for(target.path), "the --out pool's work folder"),
+        (skip_report_path(target.path), "the --out pool's skip report"),
+    )
+    for path, what in owned:
+        other = Path(os.path.realpath(path))
+        if real == other or other in real.parents:
+            raise OutputError(f"{option} {folder} is {what} ({path}); give another folder")
 
 
 def skip_report_path(target: str | Path) -> str | Path:
@@ -242,8 +279,11 @@ def _resume(writer: ResumablePoolWriter, items: list[ImageItem]) -> tuple[int, i
     return len(kept), len(stale - gone), todo
 
 
-def run_extraction(task: ExtractionTask, progress: ProgressFn | None = None) -> ExtractionResult:
-    """Run a task over the configured images and write (or resume) its pool; never prints."""
+def run_extraction(
+    task: ExtractionTask, progress: ProgressFn | None = None, warn: Callable[[str], None] | None = None
+) -> ExtractionResult:
+    """Run a task over the configured images and write (or resume) its pool; never prints. `warn` hears
+    `run_warnings` once every check has passed and the model is loaded, before the first image."""
     from uwe_cli.models import resolve_device
 
     cfg = task.cfg
@@ -255,8 +295,11 @@ def run_extraction(task: ExtractionTask, progress: ProgressFn | None = None) -> 
     target = _resolve_target(cfg, inputs, keys)
     for folder, option in task.side_outputs():
         resolve_output(folder, option, inputs=inputs, input_keys=keys, directory=True)
+        _check_apart(folder, option, target)
     device = resolve_device(cfg.device)
     task.load(device)
+    for message in run_warnings(cfg) if warn is not None else []:
+        warn(message)
     fingerprint = {
         "task": task.name,
         "model": cfg.model,
