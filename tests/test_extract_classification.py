@@ -459,6 +459,26 @@ def test_shards_fill_one_pool_directory(images: Path, resnet_ckpt: Path, tmp_pat
     np.testing.assert_allclose(pool.features, whole.features, atol=1e-5)
 
 
+def test_shards_of_another_split_and_empty_shards(images: Path, resnet_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pooldir"
+    extract_classification(cfg(images, out, checkpoints=[resnet_ckpt], shard=(0, 3)))
+    with pytest.raises(DataError, match=r"holds parts of a 3-way split .*use another folder or --shard K/3"):
+        extract_classification(cfg(images, out, checkpoints=[resnet_ckpt], shard=(0, 2)))
+    n = 999  # more shards than images
+    heard: list[str] = []
+    from uwe_cli.extract.classification import ClassificationTask
+    from uwe_cli.extract.runner import run_extraction
+
+    result = run_extraction(
+        ClassificationTask(cfg(images, tmp_path / "d", checkpoints=[resnet_ckpt], shard=(0, n + 1))),
+        warn=heard.append,
+    )
+    assert result.rows == 0 and heard == [
+        f"shard 0/{n + 1} holds none of the images in {images}; nothing written"
+    ]
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
 def test_skip_bad_images_writes_report(images: Path, resnet_ckpt: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_images(data, n=4)

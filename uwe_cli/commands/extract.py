@@ -158,7 +158,7 @@ def _run(cfg: Any, quiet: bool, json_summary: bool) -> None:
             ui.warn(f"{len(result.skipped)} unreadable image(s) left out; listed in {result.skip_report}")
         if json_summary:
             ui.emit_json(result.summary())
-        elif not quiet:
+        elif not quiet and result.rows:  # (an empty shard has said so in its warning)
             s = result.summary()
             resumed = f", {s['resumed']} resumed" if s["resumed"] else ""
             redone = f", {s['redone']} redone (changed since)" if s["redone"] else ""

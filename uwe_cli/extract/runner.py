@@ -222,6 +222,7 @@ def _resolve_target(cfg: ExtractConfig, inputs: list[Path], keys: list[tuple[int
     if cfg.shard is not None:
         folder = resolve_output(cfg.out, "--out", inputs=inputs, input_keys=keys, directory=True)
         assert folder.path is not None
+        _check_split(folder.path, cfg.shard)
         part = shard_target(folder.path, cfg.shard)
         return resolve_output(part, "--out", inputs=inputs, input_keys=keys)
     target = resolve_output(cfg.out, "--out", inputs=inputs, input_keys=keys)
@@ -229,6 +230,20 @@ def _resolve_target(cfg: ExtractConfig, inputs: list[Path], keys: list[tuple[int
         for side in (work_dir_for(target.path), skip_report_path(target.path)):
             check_not_input(Path(side), "--out", inputs, keys)
     return target
+
+
+def _check_split(folder: str | Path, shard: tuple[int, int]) -> None:
+    """Parts of an N-way split in the folder refuse a shard of another split: the pool would hold both."""
+    n = shard[1]
+    if not storage.exists(folder):
+        return
+    for part in storage.glob(storage.join(folder, "part-*-of-*.parquet")):
+        other = storage.name(part).removesuffix(".parquet").rpartition("-of-")[2]
+        if other.isdigit() and int(other) != n:
+            raise DataError(
+                f"--out {folder} holds parts of a {int(other)}-way split ({storage.name(part)}); "
+                f"--shard K/{n} would mix with them: use another folder or --shard K/{int(other)}"
+            )
 
 
 def _check_apart(folder: str | Path, option: str, target: Output) -> None:
@@ -296,6 +311,10 @@ def run_extraction(
     for folder, option in task.side_outputs():
         resolve_output(folder, option, inputs=inputs, input_keys=keys, directory=True)
         _check_apart(folder, option, target)
+    if cfg.shard is not None and not items:  # a job array larger than the data set: nothing to do
+        if warn is not None:
+            warn(f"shard {cfg.shard[0]}/{cfg.shard[1]} holds none of the images in {cfg.data}; nothing written")
+        return ExtractionResult(out=target, task=task.name, rows=0, processed=0, resumed=0)
     device = resolve_device(cfg.device)
     task.load(device)
     for message in run_warnings(cfg) if warn is not None else []:
