@@ -315,6 +315,15 @@ def _bad_pools(tmp_path: Path, rng) -> dict[str, tuple[list[str], str]]:
         [pool("dupnan", F=F_nan, ids=[f"x{i % 9}" for i in range(10)])],
         "duplicate id in pool: 'x0'",
     )
+    other = pool("other", ids=[f"y{i}" for i in range(9)] + ["s00004"])
+    cases["duplicate id across files"] = (
+        [pool("ok0"), other],
+        f"duplicate id in pool: 's00004' at {tmp_path / 'ok0.parquet'} row 4 and {other} row 9",
+    )
+    cases["a file twice"] = (
+        [other, str(tmp_path / "." / "other.parquet")],
+        "the same pool file is given twice",
+    )
     empty = tmp_path / "empty.parquet"
     write_pool(empty, np.zeros((0, 3), np.float32), np.zeros(0))
     cases["empty pool"] = ([str(empty)], "pool is empty")

@@ -682,3 +682,30 @@ def test_cli_warns_before_work_when_weights_are_random(
         *base, "--out", str(tmp_path / "b.parquet"), "--model", "resnet18", "--checkpoint", str(resnet_ckpt)
     )
     assert r.exit_code == 0 and "warning" not in r.stderr, r.stderr
+
+
+def test_cli_errors_say_what_the_file_is(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pool.parquet"
+    base = ["extract", "classification", "--out", str(out), "--image-size", "32", "--num-workers", "0"]
+    model = ["--data", str(images), "--model", "resnet18"]
+    r = invoke(*base, *model, "--checkpoint", str(images))
+    assert_one_line_error(r, f"checkpoint {images} is a directory; give the checkpoint file", out)
+    text = tmp_path / "weights.csv"
+    text.write_text("a,b\n1,2\n")
+    r = invoke(*base, *model, "--checkpoint", str(text))
+    assert_one_line_error(
+        r, f"checkpoint {text} is not a torch checkpoint (neither a zip nor a pickle file)", out
+    )
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,path\na,{images}\n")
+    r = invoke(*base, "--data", str(manifest), "--model", "resnet18")
+    assert_one_line_error(r, f"{images} is a directory, not an image file", out)
+    r = invoke(*base, "--data", str(images), "--model", f"hf:{tmp_path / 'no-such-model'}")
+    assert_one_line_error(r, "no such directory", out)
+
+
+def test_cli_refuses_an_empty_class_name(images: Path, resnet_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pool.parquet"
+    base = ["extract", "classification", "--data", str(images), "--out", str(out), "--image-size", "32"]
+    r = invoke(*base, "--model", "resnet18", "--checkpoint", str(resnet_ckpt), "--class-names", "a,,c,d")
+    assert_one_line_error(r, "--class-names: the name of class 1 is empty", out)

@@ -132,7 +132,7 @@ def test_select_refuses_to_overwrite_its_inputs(tmp_path: Path) -> None:
         ([pool, "--out", pool], "is the input"),
         ([pool, "--labeled", labeled, "--out", labeled], "is the input"),
         ([pool, "--exclude", labeled, "--out", labeled], "is the input"),
-        ([pool, "--out", link], "is the input"),
+        ([pool, "--out", link], f"--out {link} is the input"),  # named as given, not where it leads
         ([pool, "--labeled", labeled, "--out", hard], "is the input"),
         ([parts, "--out", parts / "batch.csv"], "inside the input folder"),
     ]

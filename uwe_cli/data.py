@@ -156,6 +156,8 @@ def read_manifest(manifest: str | Path) -> list[ImageItem]:
         if not path.is_absolute():
             path = Path(base) / path
         item = stat_item(image_id, path)
+        if path.is_dir():
+            raise DataError(f"{where}: {path} is a directory, not an image file")
         if item.stamp is None or not path.is_file():
             raise DataError(f"{where}: image file not found: {path}")
         items.append(item)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,6 +125,10 @@ def build_hf(path: str, task: str, trust: bool) -> tuple[Any, list[str] | None, 
     }.get(task)
     if auto is None:
         raise ModelError(f"--model hf:... is available for classification and segmentation, not {task}")
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise ModelError(
+            f"--model hf:{path}: no such directory (give a save_pretrained folder or a cached repo id)"
+        )
     try:
         with offline_hub():
             model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=trust)

@@ -132,6 +132,13 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _looks_like_a_checkpoint(path: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a pickle stream (protocol 2+ starts with 0x80)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
 def read_checkpoint(path: Path, trust: bool = False, shown: str | Path | None = None) -> Any:
     """The object in a checkpoint file: a state_dict (always the safe loader), or, with `trust`, a
     pickled module or TorchScript program.
@@ -146,8 +153,12 @@ def read_checkpoint(path: Path, trust: bool = False, shown: str | Path | None = 
     import torch
 
     where = shown if shown is not None else path
+    if path.is_dir():
+        raise ModelError(f"checkpoint {where} is a directory; give the checkpoint file")
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {where}")
+    if not _looks_like_a_checkpoint(path):
+        raise ModelError(f"checkpoint {where} is not a torch checkpoint (neither a zip nor a pickle file)")
     if is_torchscript(path):
         if not trust:
             raise ModelError(

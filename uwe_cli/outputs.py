@@ -39,6 +39,7 @@ class Output:
     option: str
     kind: str
     path: Path | str | None
+    given: str | None = None  # the path as the user wrote it, when `path` is where it leads (a symlink)
 
     @property
     def is_regular(self) -> bool:
@@ -46,7 +47,7 @@ class Output:
         return self.kind in ("file", "remote")
 
     def __str__(self) -> str:
-        return STDOUT if self.path is None else str(self.path)
+        return STDOUT if self.path is None else (self.given or str(self.path))
 
 
 def _existing_ancestor(path: Path, option: str) -> Path:
@@ -129,9 +130,10 @@ def resolve_output(
         _probe(Path(os.path.realpath(path)).parent, option, path)  # the new file is renamed over it
     else:
         raise OutputError(f"{option} {path} is a special file (not a regular file, FIFO or character device)")
-    if kind == "file" and st is not None:
-        path = Path(os.path.realpath(path))  # write through a symlink, keep the link
     check_not_input(path, option, inputs, input_keys)
+    if kind == "file" and st is not None:
+        real = Path(os.path.realpath(path))  # write through a symlink, keep the link
+        return Output(option, kind, real, None if real == path else str(path))
     return Output(option, kind, path)
 
 

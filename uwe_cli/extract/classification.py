@@ -237,10 +237,13 @@ def _predict(members: list[Member], images: Any, mc_dropout: int) -> tuple[Any, 
         passes = [member.forward(images)[0] for _ in range(mc_dropout)] if mc_dropout else [logits]
         samples += [p.float().softmax(dim=1) for p in passes]
     if feats is None:
-        raise ModelError(
-            f"model {members[0].loaded.name} has no nn.Linear head to take features from; "
-            "name a layer with --feature-layer"
+        loaded = members[0].loaded
+        fix = (
+            "a TorchScript model must return (logits, features)"
+            if loaded.scripted
+            else "name a layer with --feature-layer"
         )
+        raise ModelError(f"model {loaded.name} has no nn.Linear head to take features from; {fix}")
     if len({tuple(p.shape) for p in samples}) > 1:
         counts = sorted({int(p.shape[1]) for p in samples})
         raise ModelError(

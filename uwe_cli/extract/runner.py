@@ -196,6 +196,9 @@ def _check_common(cfg: ExtractConfig, task: ExtractionTask) -> None:
         raise DataError(f"part_rows must be positive, got {cfg.part_rows}")
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise DataError(f"--num-classes must be positive, got {cfg.num_classes}")
+    empty = [i for i, name in enumerate(cfg.class_names or []) if name == ""]
+    if empty:  # in the pool, an empty name would make `uwe export` drop that class's predictions
+        raise DataError(f"--class-names: the name of class {empty[0]} is empty; every class needs a name")
 
 
 def run_warnings(cfg: ExtractConfig) -> list[str]:
@@ -313,7 +316,9 @@ def run_extraction(
         _check_apart(folder, option, target)
     if cfg.shard is not None and not items:  # a job array larger than the data set: nothing to do
         if warn is not None:
-            warn(f"shard {cfg.shard[0]}/{cfg.shard[1]} holds none of the images in {cfg.data}; nothing written")
+            warn(
+                f"shard {cfg.shard[0]}/{cfg.shard[1]} holds none of the images in {cfg.data}; nothing written"
+            )
         return ExtractionResult(out=target, task=task.name, rows=0, processed=0, resumed=0)
     device = resolve_device(cfg.device)
     task.load(device)

@@ -147,8 +147,12 @@ def open_pool(paths: Sequence[str | Path] | str | Path) -> PoolSource:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files = [f for p in paths for f in pool_files(p)]
-    if len({str(f) if isinstance(f, str) else f.resolve() for f in files}) != len(files):
-        raise PoolError("the same pool file is given twice")
+    seen: dict[Any, str | Path] = {}
+    for f in files:
+        key = str(f) if isinstance(f, str) else f.resolve()
+        if key in seen:
+            raise PoolError(f"the same pool file is given twice: {seen[key]} and {f}")
+        seen[key] = f
     parquet = [open_parquet(f) for f in files]
     kind: str | None = None
     dim: int | None = None

@@ -6,7 +6,7 @@ corrupt data found while decoding pages is reported the same way as a bad footer
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -209,10 +209,15 @@ def checked_ids(path: Path | str, ids: pa.Array, first_row: int | None = None) -
     return ids
 
 
-def check_unique_ids(ids: pa.Array, what: str) -> None:
+def check_unique_ids(ids: pa.Array, what: str, where: Callable[[int], str] | None = None) -> None:
+    """No ID twice; `where(i)` names the file (and row) of the i-th ID, for the message."""
     if len(pc.unique(ids)) == len(ids):  # a quarter of count_distinct's time
         return
     counts = pc.value_counts(ids)
     dup = counts.filter(pc.greater(counts.field("counts"), 1))
     first = dup[0]["values"].as_py()
-    raise PoolError(f"duplicate id in {what}: '{first}' ({len(dup)} ids appear more than once)")
+    found = ""
+    if where is not None:
+        rows = np.flatnonzero(np.asarray(pc.equal(ids, pa.scalar(first, ids.type))))[:2]
+        found = f" at {where(int(rows[0]))} and {where(int(rows[1]))}"
+    raise PoolError(f"duplicate id in {what}: '{first}'{found} ({len(dup)} ids appear more than once)")

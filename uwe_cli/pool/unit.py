@@ -98,13 +98,23 @@ def _first_width(source: PoolSource, column: str) -> int | None:
 
 def read_ids(source: PoolSource) -> pa.Array:
     """The pool's IDs as one string array, checked: no nulls, valid text, no duplicates."""
-    chunks = [checked_ids(f, batch.column(0)) for f, batch in source.batches(["id"], 1 << 18)]
+    chunks, files, file_start = [], [], {}
+    for f, batch in source.batches(["id"], 1 << 18):
+        file_start.setdefault(f, sum(len(c) for c in chunks))
+        chunks.append(checked_ids(f, batch.column(0)))
+        files.append(f)
+    ends = np.cumsum([len(c) for c in chunks])
     ids_all = pa.concat_arrays(chunks) if chunks else pa.array([], type=pa.string())
     del chunks
+
+    def where(i: int) -> str:
+        f = files[int(np.searchsorted(ends, i, side="right"))]
+        return f"{f} row {i - file_start[f]}"
+
     # Arrow's allocator keeps freed memory until asked (mimalloc, pyarrow's default): about 140 bytes
     # per pool row of decoded batches and hash table.
     pa.default_memory_pool().release_unused()
-    check_unique_ids(ids_all, "pool")
+    check_unique_ids(ids_all, "pool", where)
     pa.default_memory_pool().release_unused()
     return ids_all
 
