@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -56,6 +58,15 @@ def _read_schema(part: str | Path) -> pa.Schema:
 def _read_table(part: str | Path, columns: list[str] | None = None) -> pa.Table:
     with storage.open_input(part) as fh:
         return pq.read_table(fh, columns=columns)
+
+
+def _differences(before: Any, now: dict[str, Any]) -> str:
+    """' (key: old → new, ...)' for the settings that changed, or '' when the old ones are unreadable."""
+    if not isinstance(before, dict):
+        return ""
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    shown = [f"{k}: {json.dumps(before.get(k))} → {json.dumps(now.get(k))}" for k in changed[:3]]
+    return f" ({', '.join(shown)}{', …' if len(changed) > 3 else ''})" if shown else ""
 
 
 class ResumablePoolWriter:
@@ -96,8 +107,9 @@ class ResumablePoolWriter:
                 previous = None
             if previous != self.fingerprint:
                 raise PoolError(
-                    f"{self.work} holds parts of an interrupted run with different settings; "
-                    "rerun the same command to resume, or delete that folder to start over"
+                    f"{self.work} holds parts of an interrupted run with different settings"
+                    f"{_differences(previous, self.fingerprint)}; rerun the same command to resume, or "
+                    "delete that folder to start over"
                 )
 
     def parts(self) -> list[str | Path]:
@@ -196,34 +208,81 @@ class ResumablePoolWriter:
         keep = [self._owner.get(i) == index for i in ids]
         return table.filter(pa.array(keep, pa.bool_()))
 
-    def finish(self) -> tuple[int, pa.Schema]:
-        """Merge the current rows of all parts into the target, drop the work folder; (rows, schema)."""
+    def finish(self, order: Sequence[str] | None = None) -> tuple[int, pa.Schema]:
+        """Merge the current rows of all parts into the target, drop the work folder; (rows, schema).
+
+        `order` lists the image IDs in the order an uninterrupted run writes them: a resumed run that
+        redid changed images or took in new ones wrote them into later parts, and the pool's row order
+        decides ties in selection, so the rows are put back into that order.
+        """
         self.flush()
         parts = self.parts()
         if not parts:
             raise PoolError(f"nothing to write to {self.target}: no rows were produced")
         base = self.schema or _read_schema(parts[0])
         schema = base.with_metadata({k: v for k, v in (base.metadata or {}).items() if k != STAMPS_KEY})
+        plan = self._reorder_plan(parts, order) if order is not None and len(parts) > 1 else None
         rows = 0
         try:
             with open_output(self.target, binary=True) as fh, pq.ParquetWriter(fh, schema) as writer:
-                pending: list[pa.Table] = []
-                pending_rows = 0
-                for index, part in enumerate(parts):
-                    table = self._surviving(index, _read_table(part)).cast(schema)
-                    pending.append(table)
-                    pending_rows += table.num_rows
-                    if pending_rows >= MERGE_ROW_GROUP_ROWS:
-                        writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
-                        rows += pending_rows
-                        pending, pending_rows = [], 0
-                if pending:
-                    writer.write_table(pa.concat_tables(pending), row_group_size=max(pending_rows, 1))
-                    rows += pending_rows
+                for table in (
+                    self._merged(parts, schema) if plan is None else self._reordered(parts, schema, plan)
+                ):
+                    writer.write_table(table, row_group_size=max(table.num_rows, 1))
+                    rows += table.num_rows
         except OSError as exc:
             raise OutputError(f"cannot write {self.target.option} {self.target}: {exc}") from None
         self._remove_work()
         return rows, schema
+
+    def _merged(self, parts: list[str | Path], schema: pa.Schema) -> Iterator[pa.Table]:
+        """The current rows, part after part, in tables of about MERGE_ROW_GROUP_ROWS rows."""
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        for index, part in enumerate(parts):
+            table = self._surviving(index, _read_table(part)).cast(schema)
+            pending.append(table)
+            pending_rows += table.num_rows
+            if pending_rows >= MERGE_ROW_GROUP_ROWS:
+                yield pa.concat_tables(pending)
+                pending, pending_rows = [], 0
+        if pending:
+            yield pa.concat_tables(pending)
+
+    def _reorder_plan(
+        self, parts: list[str | Path], order: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(part, row within the part's current rows) of every output row in `order`, or None when the
+        parts already are in that order (no resume, or one that changed nothing): only IDs are read."""
+        rank = {image_id: i for i, image_id in enumerate(order)}
+        keys, part_of, row_of = [], [], []
+        for index, part in enumerate(parts):
+            ids = self._surviving(index, _read_table(part, [self.id_column])).column(0).to_pylist()
+            keys.append(np.array([rank.get(i, len(rank)) for i in ids], dtype=np.int64))
+            part_of.append(np.full(len(ids), index, dtype=np.int64))
+            row_of.append(np.arange(len(ids), dtype=np.int64))
+        key = np.concatenate(keys)
+        if np.all(key[1:] >= key[:-1]):
+            return None
+        by = np.argsort(key, kind="stable")  # an image's rows keep their order
+        return np.concatenate(part_of)[by], np.concatenate(row_of)[by]
+
+    def _reordered(
+        self, parts: list[str | Path], schema: pa.Schema, plan: tuple[np.ndarray, np.ndarray]
+    ) -> Iterator[pa.Table]:
+        """The current rows in the planned order, a row group at a time; each group reads the parts it
+        draws from (a resume interleaves two or three runs of parts, so few per group)."""
+        part_of, row_of = plan
+        for s in range(0, part_of.size, MERGE_ROW_GROUP_ROWS):
+            p, r = part_of[s : s + MERGE_ROW_GROUP_ROWS], row_of[s : s + MERGE_ROW_GROUP_ROWS]
+            pieces, slots = [], []
+            for index in np.unique(p):
+                mine = np.flatnonzero(p == index)
+                table = self._surviving(int(index), _read_table(parts[int(index)])).cast(schema)
+                pieces.append(table.take(pa.array(r[mine])))
+                slots.append(mine)
+            table = pa.concat_tables(pieces)
+            yield table.take(pa.array(np.argsort(np.concatenate(slots), kind="stable")))
 
     def _remove_work(self) -> None:
         if self.work is not None:
