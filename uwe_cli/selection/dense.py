@@ -594,11 +594,22 @@ class CentreTracker(Tracker):
         return np.sort(out[:m])
 
     def dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.g.shape[1] * self.X.shape[1]), dtype=np.float64)
-        for j, row in enumerate(rows):
-            f, g = self._row(int(row))
-            out[j] = (g[:, None] * f.astype(np.float64)[None, :]).reshape(-1)
-        return out
+        """G[r] ⊗ F[r] in float64 for pool rows, wherever they now live (as `_row`, vectorised)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        p = np.searchsorted(self.candidates, rows)
+        cand = p < self.n
+        cand[cand] = self.candidates[p[cand]] == rows[cand]
+        F = np.empty((rows.size, self.X.shape[1]), dtype=np.float32)
+        G = np.empty((rows.size, self.g.shape[1]), dtype=np.float64)
+        r = self.rowpos[p[cand]]
+        F[cand], G[cand] = self.X[r], self.g[r]
+        other, q = rows[~cand], p[~cand]
+        if self._owned:  # other rows sit after the candidates, in row order
+            F[~cand] = self._F[self.n + other - q]
+            G[~cand] = self._G[self.n + other - q if self._g_owned else other]
+        else:
+            F[~cand], G[~cand] = self._F[other], self._G[other]
+        return (G[:, :, None] * F.astype(np.float64)[:, None, :]).reshape(rows.size, -1)
 
     def square_norms(self) -> np.ndarray:
         slots = self.slot_of
