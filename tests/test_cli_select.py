@@ -153,16 +153,8 @@ def test_the_process_ends_with_everything_delivered(tmp_path, pool):
         head.stdout.splitlines()[0] == "rank,id,uncertainty,distance" and len(head.stdout.splitlines()) == 2
     )
     # A reader that closes the pipe unread: a quiet exit 141 (as under SIGPIPE), not an error line.
-    closed = subprocess.run(
-        f"{shlex.join([*cmd, '--out', '-'])} | true; exit ${{PIPESTATUS[0]}}",
-        shell=True,
-        executable="/bin/bash",
-        capture_output=True,
-        text=True,
-    )
-    assert closed.returncode == 141 and closed.stderr == "", closed.stderr
     inspect = [sys.executable, "-m", "uwe_cli.cli", "inspect", str(path)]
-    for args in ([*cmd, "--out", str(out), "--json"], inspect, [*inspect, "--json"]):
+    for args in ([*cmd, "--out", "-"], [*cmd, "--out", str(out), "--json"], inspect, [*inspect, "--json"]):
         closed = subprocess.run(
             f"{shlex.join(args)} | true; exit ${{PIPESTATUS[0]}}",
             shell=True,
