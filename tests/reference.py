@@ -13,8 +13,18 @@ def dense_embeddings(features: np.ndarray, G: np.ndarray | None) -> np.ndarray:
     return (G[:, :, None] * F[:, None, :]).reshape(F.shape[0], -1)
 
 
+def first_within_rounding(values: np.ndarray, width: int) -> int:
+    """uwe's tie rule: the earliest index whose value is within 8·(width + 3)·2⁻⁵³ (relative) of the
+    largest, the bound on how far float64 sums of `width` squares in any order lie apart."""
+    top = values.max()
+    if 0 < top < np.inf:
+        return int(np.flatnonzero(values >= top * (1 - 8.0 * (width + 3) * 2.0**-53))[0])
+    return int(np.argmax(values))
+
+
 def kcg_reference(E: np.ndarray, candidates: np.ndarray, labeled: np.ndarray, budget: int):
-    """Algorithm 1 on squared float64 distances; first pick = largest norm without labeled; ties → first."""
+    """Algorithm 1 on squared float64 distances; first pick = largest norm without labeled; ties (to
+    within rounding) → first."""
     X = E[candidates]
     D = np.full(len(candidates), np.inf)
     for c in labeled:
@@ -24,11 +34,11 @@ def kcg_reference(E: np.ndarray, candidates: np.ndarray, labeled: np.ndarray, bu
     for b in range(budget):
         if b == 0 and len(labeled) == 0:
             norms = (X**2).sum(axis=1)
-            t = int(np.argmax(norms))
+            t = first_within_rounding(norms, E.shape[1])
             d = norms[t]
         else:
             masked = np.where(taken, -1.0, D)
-            t = int(np.argmax(masked))
+            t = first_within_rounding(masked, E.shape[1])
             d = masked[t]
         picks.append(t)
         dists.append(np.sqrt(d))
@@ -47,7 +57,7 @@ def kmeanspp_reference(E: np.ndarray, candidates: np.ndarray, labeled: np.ndarra
     picks = []
     for b in range(budget):
         if b == 0 and len(labeled) == 0:
-            t = int(np.argmax((X**2).sum(axis=1)))
+            t = first_within_rounding((X**2).sum(axis=1), E.shape[1])
         else:
             mass = np.clip(D, 0, None)
             cum = np.cumsum(mass)

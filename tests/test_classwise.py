@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import first_within_rounding
 
 from uwe_cli.errors import PoolError, SelectionError
 from uwe_cli.pool import DetectionPool, is_detection_pool, read_detection_pool
@@ -130,26 +131,27 @@ def reference_embeddings(
 def reference_kcg(
     x: np.ndarray, candidates: np.ndarray, centres: np.ndarray, budget: int
 ) -> tuple[list, list]:
-    def dist(c: int) -> np.ndarray:
-        return np.sqrt(((x[candidates] - x[c]) ** 2).sum(axis=1))
+    def dist2(c: int) -> np.ndarray:
+        return ((x[candidates] - x[c]) ** 2).sum(axis=1)
 
-    min_dist = np.full(len(candidates), np.inf)
+    min_d2 = np.full(len(candidates), np.inf)
     for c in centres:
-        min_dist = np.minimum(min_dist, dist(c))
+        min_d2 = np.minimum(min_d2, dist2(c))
     picked = np.zeros(len(candidates), dtype=bool)
     picks, distances = [], []
     for t in range(budget):
         if t == 0 and len(centres) == 0:
-            norms = np.sqrt((x[candidates] ** 2).sum(axis=1))
-            p = int(np.argmax(norms))
+            norms = (x[candidates] ** 2).sum(axis=1)
+            p = first_within_rounding(norms, x.shape[1])
             d = norms[p]
         else:
-            p = int(np.argmax(np.where(picked, -1.0, min_dist)))
-            d = min_dist[p]
+            masked = np.where(picked, -1.0, min_d2)
+            p = first_within_rounding(masked, x.shape[1])
+            d = masked[p]
         picked[p] = True
         picks.append(int(candidates[p]))
-        distances.append(float(d))
-        min_dist = np.minimum(min_dist, dist(candidates[p]))
+        distances.append(float(np.sqrt(d)))
+        min_d2 = np.minimum(min_d2, dist2(candidates[p]))
     return picks, distances
 
 

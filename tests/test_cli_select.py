@@ -154,7 +154,13 @@ def test_the_process_ends_with_everything_delivered(tmp_path, pool):
     )
     # A reader that closes the pipe unread: a quiet exit 141 (as under SIGPIPE), not an error line.
     inspect = [sys.executable, "-m", "uwe_cli.cli", "inspect", str(path)]
-    for args in ([*cmd, "--out", "-"], [*cmd, "--out", str(out), "--json"], inspect, [*inspect, "--json"]):
+    for args in (
+        [*cmd, "--out", "-"],
+        [*cmd, "--out", "/dev/stdout"],
+        [*cmd, "--out", str(out), "--json"],
+        inspect,
+        [*inspect, "--json"],
+    ):
         closed = subprocess.run(
             f"{shlex.join(args)} | true; exit ${{PIPESTATUS[0]}}",
             shell=True,

@@ -371,3 +371,19 @@ def test_summary_counts_picks_with_predictions_and_results(kinds, tmp_path):
         else:
             rows = list(csv.DictReader(out.open(newline="")))
             assert summary["results"] == sum(r["x1"] != "" for r in rows)
+
+
+def test_class_names_from_a_list_a_file_or_one_name(tmp_path):
+    from uwe_cli.errors import DataError
+    from uwe_cli.ids import read_class_names
+
+    names = tmp_path / "names.txt"
+    names.write_text("\ufeffcat\n\ndog\n\n")  # a BOM, an empty name kept in place, trailing lines dropped
+    assert read_class_names(str(names)) == (["cat", "", "dog"], [names])
+    assert read_class_names(" cat , dog ") == (["cat", "dog"], [])
+    assert read_class_names("person") == (["person"], [])
+    for typo in ("nmaes.txt", "lists/names"):
+        with pytest.raises(DataError, match=f"--class-names {typo}: no such file"):
+            read_class_names(typo)
+    with pytest.raises(DataError, match="holds no names"):
+        read_class_names(",")

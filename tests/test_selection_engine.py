@@ -161,8 +161,6 @@ def test_features_handed_over_are_reordered_in_place_with_the_same_result(
         np.testing.assert_array_equal(mine_g[m:], G[rest])
         pairs = sorted(bytes(f) + bytes(g) for f, g in zip(mine[:m], mine_g[:m], strict=True))
         assert pairs == sorted(bytes(f) + bytes(g) for f, g in zip(F[cand], G[cand], strict=True))
-    # every pool row's embedding, as near-ties recompute it, wherever the row now lives
-    np.testing.assert_array_equal(tracker.dense_rows(np.arange(n)), E)
 
 
 def test_caller_features_are_left_alone_without_handover(rng, every_path):

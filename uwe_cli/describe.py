@@ -24,8 +24,8 @@ _SKIP = {"id", "feature", "probs", "box", "pred", "label", "x", "y", "width", "h
 def _column_stats(source: PoolSource, name: str) -> dict[str, float | int | None]:
     """min, mean, max over the finite values (None when there are none), nulls, non-finite values.
     Uncertainty columns get `uwe select`'s checks: numeric, finite, non-negative."""
-    values, nulls = [], 0
-    for f, pf in zip(source.files, source.parquet, strict=True):
+    lo, hi, total, count, nulls, non_finite = np.inf, -np.inf, 0.0, 0, 0, 0
+    for f, pf in zip(source.files, source.parquet, strict=True):  # one file's column at a time
         if name not in pf.schema_arrow.names:
             continue
         measure = name in UNCERTAINTY_MEASURES
@@ -36,16 +36,18 @@ def _column_stats(source: PoolSource, name: str) -> dict[str, float | int | None
         v = col.drop_null().cast(pa.float64()).to_numpy(zero_copy_only=False)
         if measure:
             check_uncertainty_values(v, name, lambda i, f=f: f"{f}: value {i}")
-        values.append(v)
-    v = np.concatenate(values) if values else np.empty(0)
-    finite = v[np.isfinite(v)]
-    some = finite.size > 0
+        finite = v[np.isfinite(v)]
+        non_finite += v.size - finite.size
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+            total += float(finite.sum())
+            count += finite.size
     return {
-        "min": float(finite.min()) if some else None,
-        "mean": float(finite.mean()) if some else None,
-        "max": float(finite.max()) if some else None,
+        "min": lo if count else None,
+        "mean": total / count if count else None,
+        "max": hi if count else None,
         "nulls": nulls,
-        "non_finite": int(v.size - finite.size),
+        "non_finite": non_finite,
     }
 
 

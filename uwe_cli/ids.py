@@ -57,8 +57,8 @@ def read_class_names(value: str | None) -> tuple[list[str] | None, list[str | Pa
     """`--class-names`: a text file or URL with one name per line, or 'a,b,c'; returns (names, files read).
 
     Names keep their positions (an empty line or ',,' is an empty name; trailing empty lines go). A
-    value without a comma that is no file is refused: one class name alone is never a whole list, and
-    a mistyped file name would otherwise become a class called 'nmaes.txt'.
+    value that looks like a file name (a '/' or an extension, no comma) but is no file is refused, or
+    a mistyped file name would become a class called 'nmaes.txt'.
     """
     if value is None or value == "":
         return None, []
@@ -70,7 +70,7 @@ def read_class_names(value: str | None) -> tuple[list[str] | None, list[str | Pa
         while names and names[-1] == "":
             names.pop()
         files: list[str | Path] = [path]
-    elif "," not in value:
+    elif "," not in value and ("/" in value or Path(value).suffix):  # a file name, mistyped
         raise DataError(
             f"--class-names {value}: no such file (give a file with one name per line, or names "
             "separated by commas, e.g. 'cat,dog')"

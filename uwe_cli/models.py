@@ -134,8 +134,11 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
 
 def _looks_like_a_checkpoint(path: Path) -> bool:
     """A zip archive (torch.save since 1.6) or a pickle stream (protocol 2+ starts with 0x80)."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     return head.startswith(b"PK") or head[:1] == b"\x80"
 
 

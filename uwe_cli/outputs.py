@@ -247,11 +247,34 @@ def open_output(out: Output, binary: bool = False) -> Iterator[IO[Any]]:
         else:
             raise OutputError(f"{out.option} {where} is a directory; give a file name")
     except BrokenPipeError:
-        if out.kind != "stdout":
-            raise OutputError(f"cannot write {out.option} {where}: its reader closed it") from None
-        raise StdoutClosed(f"{out.option} -: stdout was closed by its reader") from None
+        if out.kind == "stdout" or (out.kind == "stream" and is_stdout(out.path)):
+            raise StdoutClosed(f"{out.option} {where}: stdout was closed by its reader") from None
+        raise OutputError(f"cannot write {out.option} {where}: its reader closed it") from None
     except OSError as exc:
         raise OutputError(f"cannot write {out.option} {where}: {strerror(exc)}") from None
+
+
+def is_stdout(path: object) -> bool:
+    """Whether a path is this process's stdout by another name (/dev/stdout, or the file stdout is
+    redirected to)."""
+    try:
+        a, b = os.stat(str(path)), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that flushing what is left at exit raises no second error."""
+    try:
+        target = sys.stdout.fileno()
+    except (ValueError, AttributeError, io.UnsupportedOperation):
+        return
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(fd, target)
+    finally:
+        os.close(fd)
 
 
 def file_name_for_id(unit_id: str, suffix: str) -> str:

@@ -38,7 +38,7 @@ from uwe_cli.pool.detection import encode_images
 from uwe_cli.pool.files import checked_ids
 from uwe_cli.pool.unit import read_ids
 from uwe_cli.schema import PASSTHROUGH_COLUMNS
-from uwe_cli.selection.greedy import largest_norm_pick, next_pick, resolve_ties
+from uwe_cli.selection.greedy import largest_norm_pick, next_pick
 from uwe_cli.selection.request import (
     PoolSplit,
     RayOptions,
@@ -52,9 +52,8 @@ from uwe_cli.selection.request import (
 from uwe_cli.selection.strategies import badge_weights
 from uwe_cli.selection.tracker import Progress
 
-# A shard's K-Center-Greedy answer: (D, pool unit, position, the largest D it holds, whether D is the
-# reference's own, the tie tolerance).
-Answer = tuple[float, int, int, float, bool, float]
+# A shard's K-Center-Greedy answer: (D, pool unit, position, the largest D it holds, the tie tolerance).
+Answer = tuple[float, int, int, float, float]
 RESTART_TIMEOUT = 120.0
 
 
@@ -98,7 +97,6 @@ class Shard:
         if self.n != len(spec.units):  # the driver's partition and the reader must agree
             raise ClusterError(f"shard read {self.n} units, expected {len(spec.units)}")
         self.used = 0
-        self.centre_rows: list[int] = []  # every centre received, as rows of the local embedding
         self.compute = 0.0  # seconds spent in `step` (the per-pick work), for the cost model
         return {"uncertainty_column": self.pool.uncertainty_column, "dim": self.pool.dim}
 
@@ -192,7 +190,6 @@ class Shard:
             self.used += 1
             self.G[row] = g
             self.pool.features[row] = f
-        self.centre_rows.append(row)
         return row
 
     def init_labeled(self, centres: list[Any]) -> None:
@@ -204,16 +201,21 @@ class Shard:
         if not len(self.candidates):
             return None
         t, sq = largest_norm_pick(self.tracker)
-        return self._answer(t, sq, sq)
+        return self._answer(t, sq, self.tracker.largest_norm()[1])
 
     def _answer(self, t: int, d: float, top: float) -> Answer:
-        exact = d != top or d == 0  # settled among near-ties by the reference's arithmetic, or 0
-        return d, int(self.spec.units[self.candidates[t]]), t, top, exact, self.tracker.tie_tolerance
+        return d, int(self.spec.units[self.candidates[t]]), t, top, self.tracker.tie_tolerance
 
-    def exact_distance(self, position: int) -> float:
-        """Candidate `position`'s D (or squared norm before any centre) as the float64 reference forms it."""
-        rows = np.array(self.centre_rows, dtype=np.int64)
-        return resolve_ties(self.tracker, np.array([position]), rows)[1]
+    def earliest(self, threshold: float, norms: bool) -> tuple[float, int, int] | None:
+        """(D or squared norm, unit, position) of the earliest candidate at or above `threshold`: the
+        global tie rule of `greedy.next_pick` when another shard holds the largest value."""
+        if norms:
+            values = self.tracker.square_norms()
+            near = np.flatnonzero(values >= threshold)
+            t, d = (int(near[0]), float(values[near[0]])) if near.size else (-1, -1.0)
+        else:
+            t, d = self.tracker.earliest_at_least(threshold)
+        return None if t < 0 else (d, int(self.spec.units[self.candidates[t]]), t)
 
     def step(self, take: int | None, centre: Any, max_d: float | None) -> Answer | None:
         """Retire the candidate this shard lost to the batch, fold in the new centre, answer the local max."""
@@ -230,7 +232,7 @@ class Shard:
             self.tracker.add(self._receive(centre), max_d=max_d)
         if not len(self.candidates) or np.all(self.tracker.distances() < 0):
             return None
-        t, d, top = next_pick(self.tracker, lambda: np.array(self.centre_rows, dtype=np.int64))
+        t, d, top = next_pick(self.tracker)
         return self._answer(t, d, top)
 
     # -- K-Means++
@@ -505,23 +507,27 @@ def _select(
     return rows, distances, u, infos, warnings
 
 
-def _best(cluster: _Cluster, answers: list[Answer | None]) -> tuple[int, float, int, int, float]:
-    """(shard, D, unit, position, largest D any shard holds) of the pick: the largest D, ties to the
-    earliest pool unit. Answers within rounding of the largest are compared by the reference's D,
-    asked of the shards that have not computed it (see `greedy.resolve_ties`)."""
-    live = [k for k, a in enumerate(answers) if a is not None]
-    found = {k: answers[k] for k in live}
+def _best(
+    cluster: _Cluster, answers: list[Answer | None], norms: bool = False
+) -> tuple[int, float, int, int, float]:
+    """(shard, D, unit, position, the largest D) of the pick, by `greedy.next_pick`'s rule over all
+    shards: values within the tie tolerance of the largest tie, and the earliest pool unit wins. A shard
+    whose own largest value is within the tolerance but below the largest is asked for its earliest
+    candidate at the global threshold (each shard answered for its own)."""
+    found = {k: a for k, a in enumerate(answers) if a is not None}
     top = max(a[3] for a in found.values())
-    largest = max(a[0] for a in found.values())
-    near = [k for k in live if found[k][0] >= largest * (1 - found[k][5])]
-    values = {k: found[k][0] for k in live}
-    if largest > 0 and len(near) > 1:
-        for k in near:
-            if not found[k][4]:
-                values[k] = cluster.call_one(k, "exact_distance", found[k][2])
-        live = near
-    k = min(live, key=lambda k: (-values[k], found[k][1]))
-    return k, values[k], found[k][1], found[k][2], top
+    threshold = top * (1 - next(iter(found.values()))[4]) if 0 < top < np.inf else top
+    picks = {}
+    for k, (d, unit, position, own_top, _) in found.items():
+        if own_top == top:
+            picks[k] = (d, unit, position)
+        elif own_top >= threshold:
+            answer = cluster.call_one(k, "earliest", threshold, norms)
+            if answer is not None:
+                picks[k] = answer
+    k = min(picks, key=lambda k: picks[k][1])
+    d, unit, position = picks[k]
+    return k, d, unit, position, top
 
 
 def _kcg(
@@ -536,7 +542,7 @@ def _kcg(
     else:
         answers = cluster.call("first", [()] * n_shards)
     for b in range(budget):
-        k, d, unit, position, top = _best(cluster, answers)
+        k, d, unit, position, top = _best(cluster, answers, norms=b == 0 and not split.labeled.size)
         rows[b], distances[b] = unit, np.sqrt(d)
         if b + 1 == budget:
             break
@@ -578,7 +584,7 @@ def _kmeanspp(
 
     start = 0
     if not split.labeled.size:
-        k, _, _, position, _ = _best(cluster, cluster.call("first", [()] * n_shards))
+        k, _, _, position, _ = _best(cluster, cluster.call("first", [()] * n_shards), norms=True)
         pick(0, k, position)
         start = 1
     for b in range(start, budget):

@@ -7,7 +7,6 @@ tables, warnings, errors) goes to stderr.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import sys
 import time
@@ -60,10 +59,10 @@ def stdout_reader_gone() -> Iterator[None]:
     try:
         yield
     except (StdoutClosed, BrokenPipeError):
-        import os
+        from uwe_cli.outputs import silence_stdout
 
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        with contextlib.suppress(OSError):
+            silence_stdout()
         raise typer.Exit(141) from None
 
 
@@ -120,18 +119,10 @@ def emit_json(summary: dict[str, Any]) -> None:
 
 def refuse_two_stdout_outputs(out: object, json_summary: bool) -> None:
     """`--json` beside an output that is stdout: `-`, or a path to stdout's own file (/dev/stdout)."""
-    if json_summary and (str(out) == "-" or _is_stdout(out)):
+    from uwe_cli.outputs import is_stdout
+
+    if json_summary and (str(out) == "-" or is_stdout(out)):
         raise fail(f"--json and --out {out} both write to stdout; write the output to a file with --out FILE")
-
-
-def _is_stdout(out: object) -> bool:
-    import os
-
-    try:
-        a, b = os.stat(str(out)), os.fstat(sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 StorageOption = Annotated[

@@ -359,7 +359,7 @@ def run_extraction(
                 progress(resumed + processed + len(skipped), total)
         if not processed and not resumed:
             raise DataError(f"no readable images in {cfg.data} ({len(skipped)} skipped)")
-        rows, schema = writer.finish([item.id for item in items])
+        rows, schema = writer.finish([item.id for item in items] if resumed else None)
     except BaseException:
         writer.abandon()
         raise

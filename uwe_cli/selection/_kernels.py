@@ -609,11 +609,12 @@ def best_bucket(maxD, argslot, count, orig, k, orphan):
 
 
 @njit(cache=True)
-def near_max_slots(maxD, start, count, D, orig, threshold, out):  # pragma: no cover
-    """Candidates (positions) of live D ≥ threshold, into `out` while it has room; returns how many.
-    Only buckets whose largest D reaches the threshold are read, each up to its first live D below it
+def earliest_at_least(maxD, start, count, D, orig, threshold):  # pragma: no cover
+    """(position, D) of the earliest candidate whose live D ≥ threshold, (-1, -1) when none. Only
+    buckets whose largest D reaches the threshold are read, each up to its first live D below it
     (live slots of a bucket are in descending D)."""
-    m = 0
+    best = -1
+    best_d = -1.0
     for a in range(maxD.size):
         if maxD[a] < threshold:
             continue
@@ -623,10 +624,10 @@ def near_max_slots(maxD, start, count, D, orig, threshold, out):  # pragma: no c
                 continue
             if d < threshold:
                 break
-            if m < out.size:
-                out[m] = orig[s]
-            m += 1
-    return m
+            if best < 0 or orig[s] < best:
+                best = orig[s]
+                best_d = d
+    return best, best_d
 
 
 @njit(cache=True)

@@ -576,6 +576,7 @@ class ClasswiseTracker(Tracker):
 
     def _setup(self, embedding: ClasswiseEmbedding, device: str) -> None:
         self.emb = embedding
+        self.width = embedding.num_classes * embedding.dim
         self._refresh()
         m = len(self.candidates)
         size = self.capacity
@@ -717,9 +718,6 @@ class ClasswiseTracker(Tracker):
 
     def distances(self) -> np.ndarray:
         return np.where(self.active, self.min_d2, -1.0)
-
-    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        return to_dense(self.emb, rows)
 
     def square_norms(self) -> np.ndarray:
         return self.emb.image_norm2[self.candidates]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from uwe_cli.selection.classwise import ClasswiseEmbedding, ClasswiseTracker, check_image_indices, to_dense
+from uwe_cli.selection.classwise import ClasswiseEmbedding, ClasswiseTracker, check_image_indices
 from uwe_cli.selection.torch_backend import CHUNK_ELEMENTS, torch_device
 from uwe_cli.selection.tracker import Tracker
 
@@ -26,6 +26,7 @@ class TorchClasswiseTracker(Tracker):
         import torch
 
         emb = self.emb = embedding
+        self.width = emb.num_classes * emb.dim
         cand = self.candidates
         self.device = torch_device(device)
         dev = self.device
@@ -121,9 +122,6 @@ class TorchClasswiseTracker(Tracker):
 
     def distances(self) -> np.ndarray:
         return self._D.cpu().numpy().copy()
-
-    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        return to_dense(self.emb, rows)
 
     def square_norms(self) -> np.ndarray:
         return self.emb.image_norm2[self.candidates]

@@ -172,6 +172,7 @@ class CentreTracker(Tracker):
         self.k = 0
         self.use_faiss = True  # kept for callers; the labeled set is inserted exactly like picks
         self.taken = 0
+        self.width = K * d
         self._next_relayout = RELAYOUT_FIRST
         self.screen = bool(SCREEN and self.prune and K == 1 and d >= SCREEN_MIN_DIM and n)
         if self.screen:
@@ -583,33 +584,10 @@ class CentreTracker(Tracker):
             raise ValueError("no candidate left")
         return int(self.orig[s]), float(self.D[s])
 
-    def near_max(self, threshold: float) -> np.ndarray:
-        """Live positions with D ≥ threshold, read from the buckets whose largest D reaches it."""
+    def earliest_at_least(self, threshold: float) -> tuple[int, float]:
         self._refresh_dirty()
-        out = np.empty(64, dtype=np.int64)
-        m = kern.near_max_slots(self.maxD, self.start, self.count, self.D, self.orig, threshold, out)
-        if m > out.size:
-            out = np.empty(m, dtype=np.int64)
-            kern.near_max_slots(self.maxD, self.start, self.count, self.D, self.orig, threshold, out)
-        return np.sort(out[:m])
-
-    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        """G[r] ⊗ F[r] in float64 for pool rows, wherever they now live (as `_row`, vectorised)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        p = np.searchsorted(self.candidates, rows)
-        cand = p < self.n
-        cand[cand] = self.candidates[p[cand]] == rows[cand]
-        F = np.empty((rows.size, self.X.shape[1]), dtype=np.float32)
-        G = np.empty((rows.size, self.g.shape[1]), dtype=np.float64)
-        r = self.rowpos[p[cand]]
-        F[cand], G[cand] = self.X[r], self.g[r]
-        other, q = rows[~cand], p[~cand]
-        if self._owned:  # other rows sit after the candidates, in row order
-            F[~cand] = self._F[self.n + other - q]
-            G[~cand] = self._G[self.n + other - q if self._g_owned else other]
-        else:
-            F[~cand], G[~cand] = self._F[other], self._G[other]
-        return (G[:, :, None] * F.astype(np.float64)[:, None, :]).reshape(rows.size, -1)
+        t, d = kern.earliest_at_least(self.maxD, self.start, self.count, self.D, self.orig, threshold)
+        return int(t), float(d)
 
     def square_norms(self) -> np.ndarray:
         slots = self.slot_of

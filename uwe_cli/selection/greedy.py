@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +9,6 @@ import numpy as np
 from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats
 
 PROGRESS_STEPS = 200
-TIE_CHUNK_ELEMENTS = 1 << 22  # (tied candidate, centre, feature) differences formed at once
 
 
 @dataclass
@@ -24,49 +22,31 @@ def _progress_step(budget: int) -> int:
     return max(1, budget // PROGRESS_STEPS)
 
 
-def resolve_ties(tracker: Tracker, positions: np.ndarray, centre_rows: np.ndarray) -> tuple[int, float]:
-    """The reference's choice among candidates whose D are within rounding of each other.
-
-    Engines sum a squared distance in different orders (numba sequentially, numpy pairwise, torch in
-    blocks), so distances that tie in exact arithmetic come out a few ulps apart, differently per
-    engine. Recomputing the few near-tied candidates' distances to every centre as the float64
-    reference does (direct differences summed by numpy; without centres, the squared norm) makes every
-    engine pick what the reference picks; ties go to the earlier candidate. Identical embeddings are
-    computed once.
-    """
-    X, inverse = np.unique(tracker.dense_rows(tracker.candidates[positions]), axis=0, return_inverse=True)
-    if centre_rows.size == 0:
-        D = (X**2).sum(axis=1)
-    else:
-        D = np.full(X.shape[0], np.inf)
-        step = max(1, TIE_CHUNK_ELEMENTS // max(1, X.size))
-        for s in range(0, centre_rows.size, step):
-            C = tracker.dense_rows(centre_rows[s : s + step])
-            np.minimum(D, ((X[:, None, :] - C[None, :, :]) ** 2).sum(axis=2).min(axis=1), out=D)
-    D = D[inverse.reshape(-1)]
-    i = int(np.argmax(D))  # the first maximum: positions are ascending
-    return int(positions[i]), float(D[i])
-
-
 def largest_norm_pick(tracker: Tracker) -> tuple[int, float]:
-    """The candidate of largest norm (no centres yet), near-ties resolved as the reference does."""
+    """The candidate of largest squared norm (no centres yet); norms within rounding of it tie
+    (`Tracker.tie_tolerance`), and the earliest of them wins."""
     t, sq = tracker.largest_norm()
-    if sq > 0:
-        near = np.flatnonzero(tracker.square_norms() >= sq * (1 - 2 * tracker.tie_tolerance))
-        if near.size > 1:
-            return resolve_ties(tracker, near, np.empty(0, dtype=np.int64))
+    if 0 < sq < np.inf:
+        norms = tracker.square_norms()
+        t = int(np.flatnonzero(norms >= sq * (1 - tracker.tie_tolerance))[0])
+        sq = float(norms[t])
     return t, sq
 
 
-def next_pick(tracker: Tracker, centre_rows: Callable[[], np.ndarray]) -> tuple[int, float, float]:
-    """(position, its D, the largest D the engine holds): the engine's argmax unless near-tied."""
+def next_pick(tracker: Tracker) -> tuple[int, float, float]:
+    """(position, its D, the largest D): the candidate of largest D, where D within rounding of the
+    largest tie (`Tracker.tie_tolerance`) and the earliest of them wins.
+
+    Engines sum a squared distance in different orders (numba sequentially, numpy pairwise, torch in
+    blocks), so distances equal in exact arithmetic come out a few ulps apart, differently per engine;
+    a plain argmax would let that rounding choose. Counting them as ties makes every engine pick alike.
+    """
     t, d = tracker.argmax()
-    top = d
     if 0 < d < np.inf:
-        near = tracker.near_max(d * (1 - tracker.tie_tolerance))
-        if near.size > 1:
-            t, d = resolve_ties(tracker, near, centre_rows())
-    return t, d, top
+        first, value = tracker.earliest_at_least(d * (1 - tracker.tie_tolerance))
+        if 0 <= first < t:
+            return first, value, d
+    return t, d, d
 
 
 def k_center_greedy(
@@ -92,9 +72,7 @@ def k_center_greedy(
             tracker.add(int(tracker.candidates[t]))
         first = 1
     for b in range(first, budget):
-        t, d, top = next_pick(
-            tracker, lambda b=b: np.concatenate([centres, tracker.candidates[positions[:b]]])
-        )
+        t, d, top = next_pick(tracker)
         positions[b], distances[b] = t, np.sqrt(d)
         tracker.take(t)
         if b + 1 < budget:

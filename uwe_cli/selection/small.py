@@ -32,6 +32,7 @@ class NumpyTracker(Tracker):
         self._G = as_weights(embedding.weights, F.shape[0])
         self._F = F
         self.E = self._embed(self.candidates)
+        self.width = self.E.shape[1]
         n = self.candidates.size
         self.D = np.full(n, np.inf)
         self.taken = np.zeros(n, dtype=np.bool_)
@@ -71,9 +72,6 @@ class NumpyTracker(Tracker):
 
     def distances(self) -> np.ndarray:
         return np.where(self.taken, -1.0, self.D)
-
-    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        return self._embed(np.asarray(rows, dtype=np.int64))
 
     def square_norms(self) -> np.ndarray:
         return (self.E**2).sum(axis=1)

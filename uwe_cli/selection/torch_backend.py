@@ -41,6 +41,7 @@ class TorchCentreTracker(Tracker):
         self._cand = torch.from_numpy(self.candidates).to(self.device)
         n = self.candidates.size
         self.n = n
+        self.width = G.shape[1] * F.shape[1]
         self._D = torch.full((n,), float("inf"), dtype=torch.float64, device=self.device)
         self._near = torch.full((n,), -1, dtype=torch.int64, device=self.device)
         self._norms = self._sq_dist(self._cand, None).sqrt()
@@ -156,15 +157,12 @@ class TorchCentreTracker(Tracker):
     def distances(self) -> np.ndarray:
         return self._D.cpu().numpy()
 
-    def near_max(self, threshold: float) -> np.ndarray:
-        return self._D.ge(threshold).nonzero().flatten().cpu().numpy()
-
-    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        import torch
-
-        r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
-        G, F = self._G[r].cpu().numpy(), self._F[r].cpu().numpy().astype(np.float64)
-        return (G[:, :, None] * F[:, None, :]).reshape(len(rows), -1)
+    def earliest_at_least(self, threshold: float) -> tuple[int, float]:
+        near = self._D.ge(threshold).nonzero()
+        if not near.numel():
+            return -1, -1.0
+        t = int(near[0, 0])
+        return t, float(self._D[t])
 
     def square_norms(self) -> np.ndarray:
         return self._norms.square().cpu().numpy()

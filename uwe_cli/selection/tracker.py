@@ -61,7 +61,11 @@ class Tracker(ABC):
         self.capacity = max(int(capacity), 1)
         self.prune = prune
         self.stats = TrackerStats()
+        self.width = 0  # the embedding's length, set by `_setup`
         self._setup(embedding, device)
+        # Squared distances within this relative gap of the largest are ties: each engine's sum lies
+        # within (width + 3)·2⁻⁵³ of the exact value, whatever its order; twice that, and room.
+        self.tie_tolerance = 8.0 * (self.width + 3) * 2.0**-53
 
     def _check_candidates(self, embedding: Any, candidates: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(candidates, dtype=np.int64)
@@ -94,28 +98,18 @@ class Tracker(ABC):
     def distances(self) -> np.ndarray:
         """Squared distance to the nearest centre per candidate, -1 for picked ones."""
 
-    # -- near-ties (see `greedy.resolve_ties`) -------------------------------------------------------
-
-    @abstractmethod
-    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The float64 embeddings of pool rows, (len(rows), width), formed as the reference forms them."""
+    # -- near-ties (see `greedy.next_pick`) ----------------------------------------------------------
 
     @abstractmethod
     def square_norms(self) -> np.ndarray:
-        """Squared embedding norm per candidate, as this engine computed it (to find near-ties)."""
+        """Squared embedding norm per candidate, as this engine computed it."""
 
-    def near_max(self, threshold: float) -> np.ndarray:
-        """Live positions whose D is at least `threshold`, ascending (engines may find them faster)."""
-        return np.flatnonzero(self.distances() >= threshold)
-
-    @property
-    def tie_tolerance(self) -> float:
-        """Relative gap below which two squared distances may be ordered differently by engines that sum
-        in different orders: each lies within (width + 3)·2⁻⁵³ of the exact value; twice that, and room."""
-        if not hasattr(self, "_tie_tolerance"):
-            width = self.dense_rows(self.candidates[:1]).shape[1] if self.candidates.size else 0
-            self._tie_tolerance = 8.0 * (width + 3) * 2.0**-53
-        return self._tie_tolerance
+    def earliest_at_least(self, threshold: float) -> tuple[int, float]:
+        """(position, D) of the earliest live candidate whose D is at least `threshold`, (-1, -1.0)
+        when none; engines may find it faster than this pass over `distances()`."""
+        D = self.distances()
+        near = np.flatnonzero(threshold <= D)
+        return (int(near[0]), float(D[near[0]])) if near.size else (-1, -1.0)
 
 
 def tracker_class(kind: str, backend: str) -> type[Tracker]:
