@@ -211,6 +211,28 @@ def stamp(info: dict[str, Any]) -> tuple[int, int | str] | None:
     return int(size), str(version) if version is not None else 0
 
 
+def stamps(urls: Iterable[str]) -> dict[str, tuple[int, int | str] | None]:
+    """`stamp` of remote objects, from one listing per parent prefix rather than a request per object
+    (a manifest of 100,000 URLs usually names a few folders); None for an object not listed."""
+    by_parent: dict[str, list[str]] = {}
+    for url in urls:
+        by_parent.setdefault(str(parent(url)), []).append(url)
+    found: dict[str, tuple[int, int | str] | None] = {}
+    for folder, members in by_parent.items():
+        fs, path = filesystem(folder)
+        with remote_errors(folder):
+            fs.invalidate_cache(path)  # a listing cached earlier in this process may be stale
+            try:
+                listing = fs.ls(path, detail=True)
+            except FileNotFoundError:
+                listing = []
+        infos = {str(info["name"]).rstrip("/"): info for info in listing}
+        for url in members:
+            info = infos.get(fs._strip_protocol(url).rstrip("/"))
+            found[url] = stamp(info) if info is not None else None
+    return found
+
+
 def find(prefix: str, suffixes: Iterable[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """Objects below a remote prefix whose name ends in one of `suffixes` (case-insensitive), skipping
     hidden path components: (url, path relative to the prefix, info), sorted by relative path."""
