@@ -282,3 +282,37 @@ def test_extraction_asks_for_more_gpus_than_there_are(job: dict[str, Path], tmp_
         job["images"], "--out", out, "--image-size", 16, "--ray", "--workers", 2, "--gpus-per-worker", 1,
     )  # fmt: skip
     assert_one_line_error(r, "needs 2 GPUs", out)
+
+
+def test_storage_options_reach_the_workers(unit_pool: Path, job: dict[str, Path], tmp_path: Path) -> None:
+    """Pool, images and checkpoint on an S3 server that only `--storage-option endpoint_url=...` names
+    (the environment points elsewhere, or nowhere): shards and extraction workers must reach it too."""
+    import s3fs
+    from s3_server import start_s3_server
+
+    (tmp_path / "s3-log").mkdir()
+    server = start_s3_server(tmp_path / "s3-log")
+    try:
+        client = server.client()
+        client.create_bucket(Bucket="opts")
+        for part in sorted(unit_pool.glob("*.parquet")):
+            client.upload_file(str(part), "opts", f"pool/{part.name}")
+        for image in sorted(job["images"].rglob("*.*")):
+            client.upload_file(str(image), "opts", f"imgs/{image.relative_to(job['images']).as_posix()}")
+        client.upload_file(str(job["ckpt"]), "opts", "tiny.pth")
+        opts = ["--storage-option", f"endpoint_url={server.endpoint_url}"]
+        opts += ["--storage-option", "key=uwe", "--storage-option", "secret=uwe"]
+        batches_equal("s3://opts/pool/", tmp_path, "--budget", 12, *opts, workers=2)
+        out = {}
+        for name, extra in (("local", []), ("ray", ["--ray", "--workers", 1])):
+            out[name] = tmp_path / f"{name}.parquet"
+            r = invoke(
+                "extract", "classification", "--model", "tiny_net:tiny_cnn", "--checkpoint", "s3://opts/tiny.pth",
+                "--data", "s3://opts/imgs/", "--out", out[name], "--image-size", 16, "-q", *opts, *extra,
+            )  # fmt: skip
+            assert r.exit_code == 0, r.output
+        a, b = pq.read_table(out["local"]), pq.read_table(out["ray"])
+        assert a.column("id").to_pylist() == b.column("id").to_pylist() and a.num_rows == 14
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -115,9 +115,15 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def configure(options: dict[str, Any]) -> None:
-    """Storage options for every remote filesystem this process opens (set once by the CLI)."""
+    """Storage options for every remote filesystem this process opens (set once by the CLI, and by
+    each Ray worker from `options()` of the driver)."""
     _options.clear()
     _options.update(options)
+
+
+def options() -> dict[str, Any]:
+    """A copy of this process's storage options, to hand to worker processes."""
+    return dict(_options)
 
 
 def _scheme(url: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from uwe_cli import storage
 from uwe_cli.cluster.connect import check_resources, ray_session
 from uwe_cli.data import ImageDataset, ImageItem
 from uwe_cli.errors import ModelError
@@ -36,8 +37,11 @@ def _items(ref: Any) -> list[ImageItem]:
     return _ITEMS[key]
 
 
-def decode(batch: dict[str, np.ndarray], items: Any, transform: Any) -> dict[str, np.ndarray]:
+def decode(
+    batch: dict[str, np.ndarray], items: Any, transform: Any, storage_options: dict[str, Any]
+) -> dict[str, np.ndarray]:
     """CPU stage: read and transform images; a sample travels pickled, a failure as its message."""
+    storage.configure(storage_options)  # the driver's --storage-option, in this worker process
     dataset = ImageDataset(_items(items), transform)
     payload, errors = [], []
     for index in batch["id"]:
@@ -54,9 +58,10 @@ def decode(batch: dict[str, np.ndarray], items: Any, transform: Any) -> dict[str
 class Infer:
     """Actor stage: the task's model, loaded once per actor; a batch of samples in, IPC rows out."""
 
-    def __init__(self, cfg: Any, items: Any) -> None:
+    def __init__(self, cfg: Any, items: Any, storage_options: dict[str, Any]) -> None:
         from uwe_cli.models import resolve_device
 
+        storage.configure(storage_options)  # a --checkpoint URL is read here
         self.items = _items(items)
         self.task = cfg.make_task()
         self.task.validate()
@@ -116,13 +121,13 @@ def ray_rows(
         dataset = ray.data.from_items([{"id": i} for i in range(len(todo))], override_num_blocks=blocks)
         dataset = dataset.map_batches(
             decode,
-            fn_args=(items, task.transform()),
+            fn_args=(items, task.transform(), storage.options()),
             batch_size=task.batch_size,
             num_cpus=min(cpus, 0.5) or 0.5,
         )
         dataset = dataset.map_batches(
             Infer,
-            fn_constructor_args=(cfg, items),
+            fn_constructor_args=(cfg, items, storage.options()),
             batch_size=task.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.workers),
             num_cpus=cpus,

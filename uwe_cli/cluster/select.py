@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from uwe_cli import storage
 from uwe_cli.batch import Batch
 from uwe_cli.cluster.connect import ClusterError, check_resources, ray_session
 from uwe_cli.embedding import minmax_bounds, normalize_uncertainty, underflow_message
@@ -68,6 +69,7 @@ class ShardSpec:
     need_uncertainty: bool
     need_probs: bool
     spare: int  # centres it may receive: the labeled set plus the budget
+    storage_options: dict[str, Any]  # the driver's --storage-option, for reading the pool here
 
 
 class Shard:
@@ -88,6 +90,7 @@ class Shard:
         if threads:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         spec = self.spec
+        storage.configure(spec.storage_options)
         source = open_pool(spec.paths).restrict(spec.rows)
         self.kind = source.kind
         self.pool = source.read(
@@ -390,7 +393,9 @@ def select_on_ray(
     spare = split.labeled.size + budget
     paths = [str(p) for p in source.files]
     specs = [
-        ShardSpec(paths, rows, units, req.uncertainty, need_uncertainty, strat.needs_probs, spare)
+        ShardSpec(
+            paths, rows, units, req.uncertainty, need_uncertainty, strat.needs_probs, spare, storage.options()
+        )
         for rows, units in shards
     ]
     with ray_session(ray_opts.address) as ray:
