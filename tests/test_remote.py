@@ -308,6 +308,17 @@ def test_simulate_reads_pool_and_labels_from_a_bucket(
     assert remote["curves"] == local["curves"] and remote["recommendation"] == local["recommendation"]
     assert remote["config"]["labels"] == f"{s3}/labels.csv"
     assert remote["config"]["pools"] == [f"{s3}/pool.parquet"]
+    # results (and the plot) written into the bucket: the same bytes as on disk
+    with_plot = [c for c in common if c != "--no-plot"]
+    r = invoke("simulate", pool, "--labels", labels, *with_plot, "--out", f"{s3}/results/")
+    assert r.exit_code == 0, r.output
+    assert (
+        fs.cat_file(f"{s3_bucket}/sim/results/results.json") == (tmp_path / "l" / "results.json").read_bytes()
+    )
+    assert (
+        fs.cat_file(f"{s3_bucket}/sim/results/results.csv") == (tmp_path / "l" / "results.csv").read_bytes()
+    )
+    assert fs.cat_file(f"{s3_bucket}/sim/results/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line_error(
         invoke(
             "simulate",

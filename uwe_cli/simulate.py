@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from uwe_cli import storage
 from uwe_cli.embedding import check_selection_options
 from uwe_cli.errors import LabelError, SelectionError
-from uwe_cli.outputs import Output, atomic_path, open_output, resolve_output
+from uwe_cli.outputs import Output, open_output, resolve_output
 from uwe_cli.pool import PoolSource, UnitPool, open_pool
 from uwe_cli.pool.files import read_column
 from uwe_cli.probe import Probe, fit_probe
@@ -684,7 +684,7 @@ def output_files(out_dir: Output, inputs: Sequence[str | Path]) -> dict[str, Out
     """The files written into DIR, each checked before any work (not a directory, not an input)."""
     assert out_dir.path is not None
     return {
-        key: resolve_output(out_dir.path / name, "--out", inputs=inputs, allow_stdout=False)
+        key: resolve_output(storage.join(out_dir.path, name), "--out", inputs=inputs, allow_stdout=False)
         for key, name in FILES.items()
     }
 
@@ -699,9 +699,14 @@ def write_results(result: SimulationResult, files: dict[str, Output], plot: bool
         fh.write(results_csv(result))
     written.append(str(files["csv"]))
     if plot:
-        target = files["plot"]
-        assert target.path is not None
-        with atomic_path(target.path, suffix=".png", option="--out") as tmp:
-            plot_curves(result, tmp)
-        written.append(str(target))
+        import tempfile
+
+        with tempfile.TemporaryDirectory(
+            prefix="uwe-plot-"
+        ) as folder:  # drawn here, then written as any file
+            png = Path(folder) / "curves.png"
+            plot_curves(result, png)
+            with open_output(files["plot"], binary=True) as fh:
+                fh.write(png.read_bytes())
+        written.append(str(files["plot"]))
     return written
