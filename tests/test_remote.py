@@ -229,6 +229,10 @@ def test_bad_remote_inputs_are_one_line_errors(
         s3fs.S3FileSystem.clear_instance_cache()
         r = invoke("select", f"s3://{s3_bucket}/p.parquet", "--budget", 1, "--out", out)
         assert_one_line_error(r, "access denied", out)
+        # an output in a bucket the keys may not see: access denied too, not "does not exist"
+        r = invoke("select", pool, "--budget", 1, "--out", f"s3://{s3_bucket}/b.csv")
+        assert_one_line_error(r, f"s3://{s3_bucket}/b.csv: access denied")
+        assert "OutputError" not in r.stderr
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3fs.S3FileSystem.clear_instance_cache()

@@ -145,8 +145,10 @@ def _resolve_remote(
     fs, path = storage.filesystem(url)
     bucket = path.strip("/").split("/")[0]
     with storage.remote_errors(url):
-        if not fs.exists(bucket):
-            raise OutputError(f"cannot write {option} {url}: bucket '{bucket}' does not exist")
+        try:
+            fs.info(bucket)  # unlike exists(), tells a missing bucket from one we may not see
+        except FileNotFoundError:
+            raise OutputError(f"cannot write {option} {url}: bucket '{bucket}' does not exist") from None
         is_prefix = fs.isdir(path)
     if is_prefix and not directory:
         raise OutputError(f"{option} {url} is a folder (prefix); give an object name")

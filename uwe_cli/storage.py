@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from uwe_cli.errors import OutputError, StorageError
+from uwe_cli.errors import OutputError, StorageError, UweError
 
 Location = str | os.PathLike[str]
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -165,7 +165,7 @@ def remote_errors(url: str) -> Iterator[None]:
     """Turn any exception of a remote call into a one-line StorageError naming the URL."""
     try:
         yield
-    except StorageError:
+    except UweError:  # already one line naming its culprit
         raise
     except Exception as exc:
         raise StorageError(describe_error(url, exc)) from None
