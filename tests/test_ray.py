@@ -316,3 +316,21 @@ def test_storage_options_reach_the_workers(unit_pool: Path, job: dict[str, Path]
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_quiet_ray_extraction_prints_nothing(job: dict[str, Path], tmp_path: Path) -> None:
+    """Ray's own log lines (Python loggers, and its C++ core writing to fd 2) stay off the terminal."""
+    out = tmp_path / "pool.parquet"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "examples")}
+    env.pop("RAY_ADDRESS", None)
+    args = ["extract", "classification", "--model", "tiny_net:tiny_cnn", "--checkpoint", str(job["ckpt"])]
+    args += ["--data", str(job["images"]), "--out", str(out), "--image-size", "16", "--ray", "--workers", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "uwe_cli.cli", *args, "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr
+    assert pq.read_table(out).num_rows == 14

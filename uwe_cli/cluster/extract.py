@@ -10,8 +10,12 @@ as parts exactly as a local run writes them, so an interrupted run resumes the s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import pickle
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,8 +113,11 @@ def ray_rows(
         total_cpus = ray.cluster_resources().get("CPU", 0.0)
         cpus = min(1.0, total_cpus / (cfg.workers + 1)) if total_cpus else 0.0
         check_resources(ray, cfg.workers, cpus, cfg.gpus_per_worker)
+        import logging
+
         import ray.data
 
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO/WARNING lines are not for users
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # rows come back in pool order
         context.enable_progress_bars = False
@@ -133,7 +140,45 @@ def ray_rows(
             num_cpus=cpus,
             num_gpus=cfg.gpus_per_worker,
         )
-        yield from _results(dataset)
+        with native_stderr_hidden():
+            yield from _results(dataset)
+
+
+@contextlib.contextmanager
+def native_stderr_hidden() -> Iterator[None]:
+    """Ray's C++ core writes notices straight to file descriptor 2 (e.g. at error level, that a
+    restartable actor's arguments live in the object store); uwe reports failures itself. So fd 2 goes
+    to /dev/null while the dataset runs, and Python's sys.stderr (progress, warnings) keeps the
+    original destination."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    old = sys.stderr
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        replaced = old.fileno() == 2
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        replaced = False  # captured (tests): nothing of ours goes to fd 2 anyway
+    try:
+        if not replaced:
+            yield
+            return
+        with open(
+            os.dup(saved), "w", encoding=old.encoding, errors="backslashreplace", buffering=1
+        ) as stream:
+            sys.stderr = stream
+            try:
+                yield
+            finally:
+                sys.stderr = old
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _results(dataset: Any) -> Iterator[tuple[list[int], list[pa.RecordBatch], list[tuple[int, str]], Any]]:
