@@ -336,6 +336,8 @@ def _bad_pools(tmp_path: Path, rng) -> dict[str, tuple[list[str], str]]:
         "--labeled file not found",
     )
     cases["memory limit"] = ([ok, "--max-memory", "10"], "pool needs about")
+    cases["workers without ray"] = ([ok, "--workers", "3"], "--workers applies with --ray only")
+    cases["address without ray"] = ([ok, "--ray-address", "h:1"], "--ray-address applies with --ray only")
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("name,score\na,1\n")
     cases["labeled csv without id"] = ([ok, "--labeled", str(bad_csv)], "needs an 'id' column")

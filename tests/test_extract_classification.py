@@ -667,6 +667,18 @@ def test_cli_refuses_model_mixups_and_unwritable_outputs(
         *base, "--out", "/proc/uwe-pool.parquet", "--model", "resnet18", "--checkpoint", str(resnet_ckpt)
     )
     assert_one_line_error(r, "cannot write --out /proc/uwe-pool.parquet")
+    r = invoke(
+        *base,
+        "--out",
+        str(out),
+        "--model",
+        "resnet18",
+        "--checkpoint",
+        str(resnet_ckpt),
+        "--gpus-per-worker",
+        "1",
+    )
+    assert_one_line_error(r, "--gpus-per-worker applies with --ray only", out)
 
 
 def test_cli_warns_before_work_when_weights_are_random(

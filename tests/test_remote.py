@@ -241,6 +241,10 @@ def test_bad_remote_inputs_are_one_line_errors(
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(StorageError, match="KEY=VALUE"):
         storage.parse_storage_options(["novalue"])
+    r = invoke(
+        "select", f"s3://{s3_bucket}/p.parquet", "--budget", 1, "--out", out, "--storage-option", "bogus=1"
+    )
+    assert_one_line_error(r, "the filesystem refused the --storage-option values", out)
 
 
 def test_heatmaps_into_a_bucket(s3_bucket: str, fs: s3fs.S3FileSystem, tmp_path: Path) -> None:

@@ -142,8 +142,8 @@ def filesystem(url: str) -> tuple[Any, str]:
         extra = EXTRAS.get(scheme)
         hint = f"pip install 'uwe-cli[{extra}]'" if extra else "install the fsspec filesystem for it"
         raise StorageError(f"{url}: {scheme}:// needs an optional package: {hint}") from None
-    except ValueError as exc:
-        raise StorageError(f"{url}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise StorageError(f"{url}: {exc}" + (" (check --storage-option)" if _options else "")) from None
 
 
 def describe_error(url: str, exc: BaseException) -> str:
@@ -157,6 +157,8 @@ def describe_error(url: str, exc: BaseException) -> str:
         return f"{url}: access denied ({text or name}); check the credentials"
     if name in ("EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ConnectionError"):
         return f"{url}: cannot reach the storage endpoint ({text or name})"
+    if _options and isinstance(exc, (TypeError, AttributeError)):  # an option the filesystem cannot take
+        return f"{url}: the filesystem refused the --storage-option values ({text or name})"
     return f"{url}: {name}: {text}" if text else f"{url}: {name}"
 
 

@@ -117,6 +117,14 @@ def emit_json(summary: dict[str, Any]) -> None:
         typer.echo(json.dumps(summary, sort_keys=True, default=str))
 
 
+def refuse_ray_options_without_ray(ray: bool, **given: Any) -> None:
+    """`--workers` and friends only mean something with `--ray`; silently ignoring them misleads."""
+    if not ray:
+        for name, value in given.items():
+            if value is not None:
+                raise fail(f"--{name.replace('_', '-')} applies with --ray only; add --ray or drop it")
+
+
 def refuse_two_stdout_outputs(out: object, json_summary: bool) -> None:
     """`--json` beside an output that is stdout: `-`, or a path to stdout's own file (/dev/stdout)."""
     from uwe_cli.outputs import is_stdout

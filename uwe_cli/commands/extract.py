@@ -105,10 +105,16 @@ SHARED: dict[str, tuple[Any, Any]] = {
         Annotated[bool, typer.Option("--ray", help="Run the model in Ray actors (see --workers).")],
         False,
     ),
-    "workers": (Annotated[int, typer.Option("--workers", help="With --ray: model actors.")], 2),
+    "workers": (
+        Annotated[int | None, typer.Option("--workers", help="With --ray: model actors (default 2).")],
+        None,
+    ),
     "gpus_per_worker": (
-        Annotated[float, typer.Option("--gpus-per-worker", help="With --ray: GPUs per model actor.")],
-        0.0,
+        Annotated[
+            float | None,
+            typer.Option("--gpus-per-worker", help="With --ray: GPUs per model actor (default 0)."),
+        ],
+        None,
     ),
     "ray_address": (ui.RayAddress, None),
     "json_summary": (ui.JsonSummary, False),
@@ -133,6 +139,11 @@ def run_extract(config: type, options: dict[str, Any], **task_options: Any) -> N
 
     quiet, json_summary = options.pop("quiet"), options.pop("json_summary")
     storage_options = options.pop("storage_option")
+    ray_given = {k: options[k] for k in ("workers", "gpus_per_worker", "ray_address")}
+    ui.refuse_ray_options_without_ray(options["ray"], **ray_given)
+    for key in ("workers", "gpus_per_worker"):  # unset: the config's defaults
+        if options[key] is None:
+            del options[key]
     with ui.cli_errors():
         ui.apply_storage_options(storage_options)
         names, files = read_class_names(options.pop("class_names"))

@@ -39,13 +39,16 @@ def select(
         False, "--ray", help="Run on a Ray cluster: the pool spread over --workers actors."
     ),
     ray_address: ui.RayAddress = None,
-    workers: int = typer.Option(2, "--workers", help="With --ray: actors holding a share of the pool each."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="With --ray: actors holding a share of the pool each (default 2)."
+    ),
 ) -> None:
     """Choose the next batch to label from a pool of per-sample uncertainty and features."""
     from uwe_cli.batch import write_batch
     from uwe_cli.select import run_select
     from uwe_cli.selection.request import RayOptions, parse_memory
 
+    ui.refuse_ray_options_without_ray(ray, workers=workers, ray_address=ray_address)
     inputs = [*pools, *(p for p in (labeled, exclude) if p is not None)]
     with ui.output_target(out, inputs, json_summary, storage_option) as target:
         limit = parse_memory(max_memory) if max_memory else None
@@ -54,7 +57,7 @@ def select(
                 pools, budget, strategy=strategy, uncertainty=uncertainty, tau=tau, normalize=normalize,
                 labeled=labeled, exclude=exclude, aggregate=aggregate, seed=seed, device=device,
                 max_memory=limit, progress=progress,
-                ray=RayOptions(workers=workers, address=ray_address) if ray else None,
+                ray=RayOptions(workers=2 if workers is None else workers, address=ray_address) if ray else None,
             )  # fmt: skip
         for message in result.warnings:
             ui.warn(message)
