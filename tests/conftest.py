@@ -71,3 +71,20 @@ def missing_integration(message: str) -> None:
 
 
 from s3_server import s3_bucket, s3_server  # noqa: E402, F401 - session fixtures (real S3 server)
+
+
+class Killed(Exception):
+    """Stands for a kill in the middle of an extraction (raised from its progress callback)."""
+
+
+def kill_after(batches: int):
+    """A progress callback that raises Killed on the call after `batches` batches (the first call
+    reports the starting point)."""
+    calls = {"n": 0}
+
+    def progress(done: int, total: int) -> None:
+        calls["n"] += 1
+        if calls["n"] > batches:
+            raise Killed
+
+    return progress

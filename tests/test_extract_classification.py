@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
-from conftest import assert_one_line_error
+from conftest import Killed, assert_one_line_error, kill_after
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -396,21 +396,6 @@ def test_manifest(suffix: str, images: Path, resnet: torch.nn.Module, resnet_ckp
 
 
 # ---------------------------------------------------------------- resume, shard, skip
-
-
-class Killed(Exception):
-    pass
-
-
-def kill_after(batches: int):
-    calls = {"n": 0}
-
-    def progress(done: int, total: int) -> None:
-        calls["n"] += 1
-        if calls["n"] > batches:  # the first call reports the starting point
-            raise Killed
-
-    return progress
 
 
 def test_resume_after_kill_has_every_image_once(images: Path, resnet_ckpt: Path, tmp_path: Path) -> None:

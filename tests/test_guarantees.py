@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from _images import write_images
-from conftest import assert_one_line_error, leftovers, write_pool
+from conftest import Killed, assert_one_line_error, kill_after, leftovers, write_pool
 from typer.testing import CliRunner
 
 from uwe_cli.cli import app
@@ -414,10 +414,6 @@ def test_inspect_json_is_strict_json_with_non_finite_values(tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------- 10-12. extraction
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_redoes_changed_and_drops_deleted_images(
     tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -433,15 +429,8 @@ def test_resume_redoes_changed_and_drops_deleted_images(
             part_rows=2, device="cpu",
         )  # fmt: skip
 
-    calls = {"n": 0}
-
-    def kill_after_two_batches(done: int, total: int) -> None:
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        extract_classification(config(), kill_after_two_batches)
+        extract_classification(config(), kill_after(2))
     done_ids = sorted(p.relative_to(folder).as_posix() for p in paths)[:4]
     deleted, changed = folder / done_ids[0], folder / done_ids[1]
     deleted.unlink()

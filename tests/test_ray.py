@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from _images import write_images
-from conftest import assert_one_line_error, write_pool
+from conftest import Killed, assert_one_line_error, kill_after, write_pool
 from test_classwise import random_rows
 from test_classwise import write_pool as write_detection_pool
 from typer.testing import CliRunner
@@ -235,10 +235,6 @@ def job(tmp_path: Path) -> dict[str, Path]:
     return {"images": images, "ckpt": ckpt}
 
 
-class Killed(Exception):
-    pass
-
-
 def test_extraction_on_ray_equals_local_and_resumes(job: dict[str, Path], tmp_path: Path) -> None:
     from uwe_cli.extract.classification import ClassificationConfig, extract_classification
 
@@ -251,15 +247,8 @@ def test_extraction_on_ray_equals_local_and_resumes(job: dict[str, Path], tmp_pa
     local = tmp_path / "local.parquet"
     extract_classification(config(local))
     distributed = tmp_path / "ray.parquet"
-    calls = {"n": 0}
-
-    def kill_after_three_batches(done: int, total: int) -> None:
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        extract_classification(config(distributed, ray=True, workers=2), kill_after_three_batches)
+        extract_classification(config(distributed, ray=True, workers=2), kill_after(3))
     assert not distributed.exists()
     result = extract_classification(config(distributed, ray=True, workers=2))
     assert result.resumed == 6 and result.processed == 8 and result.rows == 14

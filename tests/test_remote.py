@@ -15,7 +15,7 @@ import pytest
 import s3fs
 import torch
 from _images import write_images
-from conftest import assert_one_line_error, write_pool
+from conftest import Killed, assert_one_line_error, kill_after, write_pool
 from typer.testing import CliRunner
 
 from uwe_cli import storage
@@ -128,10 +128,6 @@ def test_sharded_extraction_into_a_prefix(
     assert len(list(csv.DictReader(out.open()))) == 9
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_remote_extraction_resumes_and_never_exposes_a_partial_pool(
     s3_bucket: str, fs: s3fs.S3FileSystem, local_job, s3_server
 ) -> None:
@@ -143,15 +139,8 @@ def test_killed_remote_extraction_resumes_and_never_exposes_a_partial_pool(
         data=f"{s3}/imgs/", out=f"{s3}/pool.parquet", model="tiny_net:tiny_cnn", checkpoint=f"{s3}/ckpt.pth",
         image_size=16, batch_size=2, part_rows=2, device="cpu",
     )  # fmt: skip
-    calls = {"n": 0}
-
-    def kill_after_two_batches(done: int, total: int) -> None:
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        extract_classification(cfg, kill_after_two_batches)
+        extract_classification(cfg, kill_after(2))
     keys = s3_server.keys(s3_bucket)
     assert "pool.parquet" not in keys and s3_server.open_uploads(s3_bucket) == []
     assert sum(k.startswith(".pool.parquet.parts/part-") for k in keys) == 2
@@ -177,15 +166,8 @@ def test_resume_from_a_remote_manifest_redoes_changed_objects(
         data=f"{s3}/m.csv", out=f"{s3}/pool.parquet", model="tiny_net:tiny_cnn", checkpoint=f"{s3}/ckpt.pth",
         image_size=16, batch_size=2, part_rows=2, device="cpu",
     )  # fmt: skip
-    calls = {"n": 0}
-
-    def kill_after_two_batches(done: int, total: int) -> None:
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        extract_classification(cfg, kill_after_two_batches)
+        extract_classification(cfg, kill_after(2))
     fs.pipe(f"{s3_bucket}/imgs/{names[0]}", fs.cat_file(f"{s3_bucket}/imgs/{names[-1]}"))  # changed since
     result = extract_classification(cfg)
     assert result.resumed == 3 and result.redone == 1 and result.processed == len(names) - 3
