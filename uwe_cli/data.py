@@ -127,8 +127,8 @@ def _scan_prefix(prefix: str) -> list[ImageItem]:
 def read_manifest(manifest: str | Path) -> list[ImageItem]:
     """A CSV or Parquet manifest with `id` and `path` columns; relative paths are relative to it.
 
-    Paths may be URLs. Local files are checked (and stat'ed for resume) now; remote objects are
-    stamped from a listing of their folders and not fetched until read, where a missing one is an
+    Paths may be URLs. Local files are checked (and stat'ed for resume) now; remote objects get a
+    metadata request (size, ETag) and are not fetched until read, where a missing one is an
     unreadable image.
     """
     rows = _manifest_rows(manifest)
@@ -164,7 +164,7 @@ def read_manifest(manifest: str | Path) -> list[ImageItem]:
             raise DataError(f"{where}: image file not found: {path}")
         items.append(item)
     remote = [i for i, item in enumerate(items) if storage.is_url(item.path)]
-    if remote:  # stamped from their folders' listings, so a resume redoes objects changed since
+    if remote:  # stamped (size, ETag), so a resume redoes objects changed since
         found = storage.stamps([str(items[i].path) for i in remote])
         for i in remote:
             items[i] = dataclasses.replace(items[i], stamp=found[str(items[i].path)])

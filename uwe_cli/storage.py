@@ -20,7 +20,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -157,7 +157,7 @@ def describe_error(url: str, exc: BaseException) -> str:
         return f"{url}: access denied ({text or name}); check the credentials"
     if name in ("EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ConnectionError"):
         return f"{url}: cannot reach the storage endpoint ({text or name})"
-    if _options and isinstance(exc, (TypeError, AttributeError)):  # an option the filesystem cannot take
+    if _options and isinstance(exc, TypeError) and "keyword" in text:  # an option it cannot take
         return f"{url}: the filesystem refused the --storage-option values ({text or name})"
     return f"{url}: {name}: {text}" if text else f"{url}: {name}"
 
@@ -219,26 +219,22 @@ def stamp(info: dict[str, Any]) -> tuple[int, int | str] | None:
     return int(size), str(version) if version is not None else 0
 
 
-def stamps(urls: Iterable[str]) -> dict[str, tuple[int, int | str] | None]:
-    """`stamp` of remote objects, from one listing per parent prefix rather than a request per object
-    (a manifest of 100,000 URLs usually names a few folders); None for an object not listed."""
-    by_parent: dict[str, list[str]] = {}
-    for url in urls:
-        by_parent.setdefault(str(parent(url)), []).append(url)
-    found: dict[str, tuple[int, int | str] | None] = {}
-    for folder, members in by_parent.items():
-        fs, path = filesystem(folder)
-        with remote_errors(folder):
-            fs.invalidate_cache(path)  # a listing cached earlier in this process may be stale
-            try:
-                listing = fs.ls(path, detail=True)
-            except FileNotFoundError:
-                listing = []
-        infos = {str(info["name"]).rstrip("/"): info for info in listing}
-        for url in members:
-            info = infos.get(fs._strip_protocol(url).rstrip("/"))
-            found[url] = stamp(info) if info is not None else None
-    return found
+def stamps(urls: Sequence[str], workers: int = 16) -> dict[str, tuple[int, int | str] | None]:
+    """`stamp` of remote objects (one metadata request each, a few at a time): what a resumed
+    extraction compares to redo objects changed since. An object whose metadata cannot be read gets
+    None (it is reported when read, if it cannot be read either), so a listing or metadata right the
+    reader lacks does not stop the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(url: str) -> tuple[int, int | str] | None:
+        try:
+            fs, path = filesystem(url)
+            return stamp(fs.info(path))
+        except Exception:  # any failure only means "no stamp"
+            return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(urls, pool.map(one, urls), strict=True))
 
 
 def find(prefix: str, suffixes: Iterable[str]) -> list[tuple[str, str, dict[str, Any]]]:

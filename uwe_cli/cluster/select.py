@@ -199,7 +199,7 @@ class Shard:
         rows = np.array([self._receive(c) for c in centres], dtype=np.int64)
         self.tracker.init_centres(rows)
 
-    # -- K-Center-Greedy: answers are (D, unit, position, largest D held, D is the reference's, tolerance)
+    # -- K-Center-Greedy: answers are `Answer`s (D, unit, position, largest D held, tie tolerance)
     def first(self) -> Answer | None:
         if not len(self.candidates):
             return None

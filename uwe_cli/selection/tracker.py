@@ -63,6 +63,8 @@ class Tracker(ABC):
         self.stats = TrackerStats()
         self.width = 0  # the embedding's length, set by `_setup`
         self._setup(embedding, device)
+        if self.width < 1 and self.candidates.size:
+            raise ValueError(f"{type(self).__name__}._setup must set `width`, the embedding's length")
         # Squared distances within this relative gap of the largest are ties: each engine's sum lies
         # within (width + 3)·2⁻⁵³ of the exact value, whatever its order; twice that, and room.
         self.tie_tolerance = 8.0 * (self.width + 3) * 2.0**-53
