@@ -128,17 +128,24 @@ def test_sharded_extraction_into_a_prefix(
     assert len(list(csv.DictReader(out.open()))) == 9
 
 
+def small_parts_job(s3: str, data: str):
+    """The uploaded tiny_net job into `s3`/pool.parquet, two images per part (resume tests)."""
+    from uwe_cli.extract.classification import ClassificationConfig
+
+    return ClassificationConfig(
+        data=data, out=f"{s3}/pool.parquet", model="tiny_net:tiny_cnn", checkpoint=f"{s3}/ckpt.pth",
+        image_size=16, batch_size=2, part_rows=2, device="cpu",
+    )  # fmt: skip
+
+
 def test_killed_remote_extraction_resumes_and_never_exposes_a_partial_pool(
     s3_bucket: str, fs: s3fs.S3FileSystem, local_job, s3_server
 ) -> None:
-    from uwe_cli.extract.classification import ClassificationConfig, extract_classification
+    from uwe_cli.extract.classification import extract_classification
 
     upload(fs, s3_bucket, local_job)
     s3 = f"s3://{s3_bucket}"
-    cfg = ClassificationConfig(
-        data=f"{s3}/imgs/", out=f"{s3}/pool.parquet", model="tiny_net:tiny_cnn", checkpoint=f"{s3}/ckpt.pth",
-        image_size=16, batch_size=2, part_rows=2, device="cpu",
-    )  # fmt: skip
+    cfg = small_parts_job(s3, f"{s3}/imgs/")
     with pytest.raises(Killed):
         extract_classification(cfg, kill_after(2))
     keys = s3_server.keys(s3_bucket)
@@ -154,18 +161,15 @@ def test_killed_remote_extraction_resumes_and_never_exposes_a_partial_pool(
 def test_resume_from_a_remote_manifest_redoes_changed_objects(
     s3_bucket: str, fs: s3fs.S3FileSystem, local_job
 ) -> None:
-    """Objects a manifest names by URL are stamped from their folders' listings (size, ETag), so one
+    """Objects a manifest names by URL are stamped (size, ETag) by a metadata request each, so one
     overwritten after an interruption is redone, as for a folder."""
-    from uwe_cli.extract.classification import ClassificationConfig, extract_classification
+    from uwe_cli.extract.classification import extract_classification
 
     upload(fs, s3_bucket, local_job)
     s3 = f"s3://{s3_bucket}"
     names = sorted(p.relative_to(local_job["images"]).as_posix() for p in local_job["images"].rglob("*.*"))
     fs.pipe(f"{s3_bucket}/m.csv", ("id,path\n" + "".join(f"{n},{s3}/imgs/{n}\n" for n in names)).encode())
-    cfg = ClassificationConfig(
-        data=f"{s3}/m.csv", out=f"{s3}/pool.parquet", model="tiny_net:tiny_cnn", checkpoint=f"{s3}/ckpt.pth",
-        image_size=16, batch_size=2, part_rows=2, device="cpu",
-    )  # fmt: skip
+    cfg = small_parts_job(s3, f"{s3}/m.csv")
     with pytest.raises(Killed):
         extract_classification(cfg, kill_after(2))
     fs.pipe(f"{s3_bucket}/imgs/{names[0]}", fs.cat_file(f"{s3_bucket}/imgs/{names[-1]}"))  # changed since

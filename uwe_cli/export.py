@@ -395,9 +395,7 @@ def build_export(
     if opts.min_score is not None and kind == "rectanglelabels" and not picks.has_scores:
         raise ExportError(f"--min-score: the pool {picks.source.files[0]} has no 'score' column")
     if kind in ("choices", "rectanglelabels"):  # every label has a name (or the export would be partial)
-        for pick in picks.picks:
-            for label in pick.labels:
-                picks.class_name(label)
+        picks.check_names()
     sizes = image_sizes(picks, opts.images, progress, out)
     picks.clip_boxes(sizes)
     build = {"labelstudio": labelstudio_tasks, "coco": coco_dataset, "csv": csv_rows}[opts.to]

@@ -91,6 +91,12 @@ class Picks:
             )
         return self.class_names[label]
 
+    def check_names(self) -> None:
+        """Every class the model predicted for a pick has a name (ExportError otherwise)."""
+        for pick in self.picks:
+            for label in pick.labels:
+                self.class_name(label)
+
     def clip_boxes(self, sizes: dict[str, tuple[int, int]]) -> None:
         """Clip every predicted box to its image (width, height): a pool may hold boxes reaching out of
         the image, which annotation tools reject or draw across the page."""
@@ -173,9 +179,7 @@ def load_picks(
     else:
         picks = _unit_picks(source, batch, ranks, names, batch_path, pool_paths)
     if class_names is not None:  # names the user gave must cover every class of the batch
-        for pick in picks.picks:
-            for label in pick.labels:
-                picks.class_name(label)
+        picks.check_names()
     return picks
 
 
@@ -324,12 +328,12 @@ def map_images(
             paths[pick.image_id] = image_path(pick, images)
     if out is not None:
         refuse_inputs(out, paths.values())
-    out: dict[str, T] = {}
+    found: dict[str, T] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, (image_id, value) in enumerate(
             zip(paths, pool.map(func, paths, paths.values()), strict=True), start=1
         ):
-            out[image_id] = value
+            found[image_id] = value
             if progress is not None:
                 progress(done, len(paths))
-    return out
+    return found

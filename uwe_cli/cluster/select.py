@@ -51,7 +51,7 @@ from uwe_cli.selection.request import (
     unit_engine,
 )
 from uwe_cli.selection.strategies import badge_weights
-from uwe_cli.selection.tracker import Progress
+from uwe_cli.selection.tracker import Progress, first_at_least
 
 # A shard's K-Center-Greedy answer: (D, pool unit, position, the largest D it holds, the tie tolerance).
 Answer = tuple[float, int, int, float, float]
@@ -203,8 +203,7 @@ class Shard:
     def first(self) -> Answer | None:
         if not len(self.candidates):
             return None
-        t, sq = largest_norm_pick(self.tracker)
-        return self._answer(t, sq, self.tracker.largest_norm()[1])
+        return self._answer(*largest_norm_pick(self.tracker))
 
     def _answer(self, t: int, d: float, top: float) -> Answer:
         return d, int(self.spec.units[self.candidates[t]]), t, top, self.tracker.tie_tolerance
@@ -213,9 +212,7 @@ class Shard:
         """(D or squared norm, unit, position) of the earliest candidate at or above `threshold`: the
         global tie rule of `greedy.next_pick` when another shard holds the largest value."""
         if norms:
-            values = self.tracker.square_norms()
-            near = np.flatnonzero(values >= threshold)
-            t, d = (int(near[0]), float(values[near[0]])) if near.size else (-1, -1.0)
+            t, d = first_at_least(self.tracker.square_norms(), threshold)
         else:
             t, d = self.tracker.earliest_at_least(threshold)
         return None if t < 0 else (d, int(self.spec.units[self.candidates[t]]), t)

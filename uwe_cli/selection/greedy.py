@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats
+from uwe_cli.selection.tracker import Progress, Tracker, TrackerStats, first_at_least
 
 PROGRESS_STEPS = 200
 
@@ -22,15 +22,14 @@ def _progress_step(budget: int) -> int:
     return max(1, budget // PROGRESS_STEPS)
 
 
-def largest_norm_pick(tracker: Tracker) -> tuple[int, float]:
-    """The candidate of largest squared norm (no centres yet); norms within rounding of it tie
-    (`Tracker.tie_tolerance`), and the earliest of them wins."""
-    t, sq = tracker.largest_norm()
-    if 0 < sq < np.inf:
-        norms = tracker.square_norms()
-        t = int(np.flatnonzero(norms >= sq * (1 - tracker.tie_tolerance))[0])
-        sq = float(norms[t])
-    return t, sq
+def largest_norm_pick(tracker: Tracker) -> tuple[int, float, float]:
+    """(position, its squared norm, the largest squared norm) with no centres yet: norms within
+    rounding of the largest tie (`Tracker.tie_tolerance`), and the earliest of them wins."""
+    t, top = tracker.largest_norm()
+    if 0 < top < np.inf:
+        t, sq = first_at_least(tracker.square_norms(), top * (1 - tracker.tie_tolerance))
+        return t, sq, top
+    return t, top, top
 
 
 def next_pick(tracker: Tracker) -> tuple[int, float, float]:
@@ -65,7 +64,7 @@ def k_center_greedy(
     if centres.size:
         tracker.init_centres(centres)
     elif budget:
-        t, sq = largest_norm_pick(tracker)
+        t, sq, _ = largest_norm_pick(tracker)
         positions[0], distances[0] = t, np.sqrt(sq)
         tracker.take(t)
         if budget > 1:
@@ -98,7 +97,7 @@ def kmeanspp_seeding(
     if centres.size:
         tracker.init_centres(centres)
     elif budget:
-        t, _ = largest_norm_pick(tracker)
+        t, _, _ = largest_norm_pick(tracker)
         positions[0] = t
         tracker.take(t)
         if budget > 1:

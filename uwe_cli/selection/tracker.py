@@ -109,9 +109,13 @@ class Tracker(ABC):
     def earliest_at_least(self, threshold: float) -> tuple[int, float]:
         """(position, D) of the earliest live candidate whose D is at least `threshold`, (-1, -1.0)
         when none; engines may find it faster than this pass over `distances()`."""
-        D = self.distances()
-        near = np.flatnonzero(threshold <= D)
-        return (int(near[0]), float(D[near[0]])) if near.size else (-1, -1.0)
+        return first_at_least(self.distances(), threshold)
+
+
+def first_at_least(values: np.ndarray, threshold: float) -> tuple[int, float]:
+    """(index, value) of the first value at least `threshold`, (-1, -1.0) when none."""
+    near = np.flatnonzero(values >= threshold)
+    return (int(near[0]), float(values[near[0]])) if near.size else (-1, -1.0)
 
 
 def tracker_class(kind: str, backend: str) -> type[Tracker]:
